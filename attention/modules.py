@@ -1,0 +1,159 @@
+"""`nn.Module` layers to swap into existing models."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from . import checks
+from .functional import scaled_dot_product_attention
+
+
+class ScaledDotProductAttention(nn.Module):
+    """The attention function as a layer that owns its normalizer settings.
+
+    ``forward`` takes SDPA's arguments in SDPA's order, so ``self.attn = ScaledDotProductAttention(...)``
+    replaces a call to ``F.scaled_dot_product_attention`` one for one. For ``"ssmax"``, or any
+    normalizer given a ``length_scale``, the layer holds the per-head scale ``s`` of length
+    scaling: a ``Parameter`` of shape ``(num_heads,)`` initialised to ``length_scale`` (1.0 for
+    SSMax by default), or a fixed float with ``learn_length_scale=False``.
+
+    Args:
+        normalizer: ``"softmax"``, ``"ssmax"``, ``"sparsemax"`` or ``"entmax"``.
+        num_heads: query heads; needed for a learnable ``s``.
+        alpha: the entmax parameter, in ``(1, 2]``.
+        length_scale: initial ``s``; ``None`` means no length scaling (1.0 for ``"ssmax"``).
+        learn_length_scale: make ``s`` a per-head ``Parameter``.
+        backend: passed to :func:`longattn.scaled_dot_product_attention`.
+    """
+
+    def __init__(
+        self,
+        normalizer: str = "softmax",
+        num_heads: int | None = None,
+        alpha: float = 1.5,
+        length_scale: float | None = None,
+        learn_length_scale: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.normalizer = checks.check_choice("normalizer", normalizer, checks.NORMALIZERS)
+        self.alpha = checks.check_alpha(alpha)
+        self.backend = checks.check_choice("backend", backend, checks.BACKENDS)
+        checks.check_flag("learn_length_scale", learn_length_scale)
+        if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1):
+            raise ValueError(f"num_heads must be a positive int or None; got {num_heads!r}")
+        self.num_heads = num_heads
+
+        scaled = normalizer == "ssmax" or length_scale is not None
+        if length_scale is not None and not checks.is_real_number(length_scale):
+            raise TypeError(f"length_scale of a layer must be a float (its initial value); got {length_scale!r}")
+        init = checks.check_length_scale(1.0 if length_scale is None else length_scale, 1, None)
+        if scaled and learn_length_scale:
+            if num_heads is None:
+                raise ValueError("num_heads is needed for a learnable per-head length_scale")
+            self.length_scale = nn.Parameter(torch.full((num_heads,), init))
+        else:
+            self.length_scale = init if scaled else None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        """``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` -> ``(B, Hq, Nq, Dv)``."""
+        return scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            normalizer=self.normalizer, alpha=self.alpha, length_scale=self.length_scale,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"normalizer={self.normalizer!r}"]
+        if self.normalizer == "entmax":
+            parts.append(f"alpha={self.alpha}")
+        if self.num_heads is not None:
+            parts.append(f"num_heads={self.num_heads}")
+        if isinstance(self.length_scale, float):
+            parts.append(f"length_scale={self.length_scale}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+
+class MultiheadAttention(nn.Module):
+    """Self-attention with projections, grouped-query heads and a choice of normalizer.
+
+    ``forward(x)`` maps ``(B, N, embed_dim)`` to ``(B, N, embed_dim)``. With ``num_kv_heads <
+    num_heads`` (GQA), ``num_heads // num_kv_heads`` query heads share each key/value head.
+    Positional encodings are the model's business (see ``longattn.models``).
+
+    Args:
+        embed_dim: model width; a multiple of ``num_heads``.
+        num_heads: query heads.
+        num_kv_heads: key/value heads, dividing ``num_heads``; default ``num_heads``.
+        normalizer, alpha, length_scale, learn_length_scale, backend: as
+            :class:`ScaledDotProductAttention`.
+        dropout: attention-weight dropout, applied in training mode only.
+        bias: whether the projections have biases.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        normalizer: str = "softmax",
+        alpha: float = 1.5,
+        length_scale: float | None = None,
+        learn_length_scale: bool = True,
+        dropout: float = 0.0,
+        bias: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = checks.check_dropout(dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
+        self.attention = ScaledDotProductAttention(
+            normalizer, num_heads, alpha, length_scale, learn_length_scale, backend
+        )
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, N, {self.embed_dim}); got {shape}")
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.num_kv_heads)
+        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.num_kv_heads)
+        out = self.attention(
+            q, k, v, attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -1,0 +1,12 @@
+"""longattn: long-context attention with a choice of normalizer.
+
+The code lives in the repository's `attention/`, `kernels/` and `models/` folders, installed as
+`longattn.attention`, `longattn.kernels` and `longattn.models`; this module re-exports the
+public API.
+"""
+
+from longattn.attention import MultiheadAttention, ScaledDotProductAttention, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["scaled_dot_product_attention", "ScaledDotProductAttention", "MultiheadAttention", "__version__"]

@@ -1,0 +1,88 @@
+"""Degenerate sizes, empty rows, huge logits and non-finite inputs, for every normalizer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import longattn
+from oracles import attention_oracle, rel_err
+
+ALL = [
+    pytest.param(dict(normalizer="softmax"), id="softmax"),
+    pytest.param(dict(normalizer="ssmax"), id="ssmax"),
+    pytest.param(dict(normalizer="sparsemax"), id="sparsemax"),
+    pytest.param(dict(normalizer="entmax", alpha=1.5), id="entmax1.5"),
+    pytest.param(dict(normalizer="entmax", alpha=1.25), id="entmax1.25"),
+    pytest.param(dict(normalizer="entmax", alpha=1.5, length_scale=0.8), id="entmax1.5-scaled"),
+]
+
+
+@pytest.mark.parametrize("settings", ALL)
+def test_single_key_gives_its_value(settings):
+    """N = 1 and D = 1: one key gets all the weight, whatever its logit."""
+    q, k = torch.randn(2, 3, 1, 1), 100 * torch.randn(2, 3, 1, 1)
+    v = torch.randn(2, 3, 1, 1)
+    out = longattn.scaled_dot_product_attention(q, k, v, **settings)
+    torch.testing.assert_close(out, v)
+
+
+@pytest.mark.parametrize("settings", ALL)
+@pytest.mark.parametrize("mask_kind", ["bool", "neginf"])
+def test_fully_masked_rows_give_zero_output_and_gradient(settings, mask_kind):
+    q, k, v = (torch.randn(1, 2, 6, 4, requires_grad=True) for _ in range(3))
+    allowed = torch.rand(6, 6) < 0.7
+    allowed[:, 0] = True
+    allowed[[1, 4]] = False
+    mask = allowed if mask_kind == "bool" else torch.zeros(6, 6).masked_fill(~allowed, float("-inf"))
+    out = longattn.scaled_dot_product_attention(q, k, v, mask, **settings)
+    assert torch.isfinite(out).all() and (out[:, :, [1, 4]] == 0).all()
+    (out * torch.randn_like(out)).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, [1, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("settings", ALL)
+def test_no_keys_at_all(settings):
+    """Nk = 0: every row is empty; Nq = 0: an empty output."""
+    q = torch.randn(1, 2, 3, 4, requires_grad=True)
+    k, v = torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 5)
+    out = longattn.scaled_dot_product_attention(q, k, v, **settings)
+    assert out.shape == (1, 2, 3, 5) and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+    empty = longattn.scaled_dot_product_attention(q[:, :, :0], torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), **settings)
+    assert empty.shape == (1, 2, 0, 5)
+
+
+@pytest.mark.parametrize("settings", ALL)
+def test_huge_logits_stay_finite(settings):
+    """Logits near 1e4 in float32: finite outputs and gradients, equal to the float64 oracle."""
+    q = torch.randn(1, 2, 9, 8)
+    k = torch.randn(1, 2, 11, 8)
+    q = (q / q.norm(dim=-1, keepdim=True) * 1e4 ** 0.5 * 8 ** 0.25).requires_grad_()
+    k = (k / k.norm(dim=-1, keepdim=True) * 1e4 ** 0.5 * 8 ** 0.25).requires_grad_()
+    v = torch.randn(1, 2, 11, 8, requires_grad=True)
+    out = longattn.scaled_dot_product_attention(q, k, v, **settings)
+    z = (q @ k.transpose(-1, -2)).abs().max() * 8 ** -0.5
+    assert z > 5e3
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert rel_err(out, attention_oracle(q, k, v, **settings)) < 1e-4
+
+
+@pytest.mark.parametrize("settings", ALL)
+def test_nan_and_inf_propagate_like_sdpa(settings):
+    """A NaN in a query row, or an Inf in a key, spoils the rows SDPA's math backend spoils, and
+    no more. (Its fused CPU backend returns 0 for an all-NaN row; a NaN in, NaN out is kept.)"""
+    q, k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 7, 4), torch.randn(1, 1, 7, 4)
+    q[0, 0, 2, 1] = float("nan")
+    k[0, 0, 3, 0] = float("inf")
+    q[0, 0, 3, 0] = 0.0  # 0 * inf = nan in row 3 for every normalizer
+    out = longattn.scaled_dot_product_attention(q, k, v, **settings)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan().any(-1), ref.isnan().any(-1))
+    assert out.isnan().any(-1).sum() == 4  # rows 1 and 4 see +inf, 2 holds NaN, 3 has 0 * inf

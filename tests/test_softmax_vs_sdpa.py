@@ -1,0 +1,89 @@
+"""Softmax through longattn equals torch SDPA, outputs and every gradient, over SDPA's features."""
+
+import pytest
+import torch
+
+import longattn
+from oracles import case_id, grads, make_mask, rel_err, sdpa_oracle
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv, is_causal, mask kind, mask shape, scale)
+CASES = [
+    (2, 4, 4, 17, 17, 16, 16, False, None, None, None),
+    (1, 2, 2, 17, 17, 40, 40, True, None, None, None),
+    (2, 2, 2, 5, 13, 8, 8, True, None, None, None),  # top-left causal, Nq < Nk
+    (1, 2, 2, 13, 5, 8, 8, True, None, None, None),  # Nq > Nk: late rows see every key
+    (2, 8, 2, 9, 11, 16, 24, False, None, None, None),  # GQA, Dv != D
+    (1, 6, 3, 10, 10, 8, 8, True, None, None, None),  # GQA + causal
+    (2, 3, 3, 7, 19, 12, 12, False, "bool", "full", None),
+    (2, 3, 3, 7, 19, 12, 12, False, "bool", "2d", None),
+    (2, 3, 3, 7, 19, 12, 12, False, "float", "full", None),
+    (1, 2, 2, 16, 16, 8, 8, False, "neginf", "head", None),
+    (1, 2, 2, 16, 16, 8, 8, True, "bool", "2d", None),  # causal and a mask together
+    (2, 2, 2, 9, 9, 32, 32, False, None, None, 0.3),  # custom scale
+    (1, 1, 1, 1, 1, 1, 1, False, None, None, None),  # N = 1, D = 1
+    (1, 1, 1, 1, 7, 4, 4, True, None, None, None),  # one query, causal: sees only key 0
+    (3, 1, 1, 130, 63, 20, 20, False, None, None, None),
+]
+
+
+def _mask_shape(shape_kind, B, Hq, Nq, Nk):
+    return {"full": (B, Hq, Nq, Nk), "2d": (Nq, Nk), "head": (1, Hq, Nq, Nk)}[shape_kind]
+
+
+def _inputs(case, dtype):
+    B, Hq, Hkv, Nq, Nk, D, Dv, causal, mask_kind, mask_shape, scale = case
+    q = torch.randn(B, Hq, Nq, D, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Nk, D, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
+    mask = make_mask(mask_kind, _mask_shape(mask_shape, B, Hq, Nq, Nk)) if mask_kind else None
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    kwargs = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=Hq != Hkv)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], kwargs
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=case_id(*c[:8], mask=c[8])) for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_softmax_matches_sdpa(case, dtype):
+    (q, k, v), kwargs = _inputs(case, dtype)
+    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="reference")
+    ref = sdpa_oracle(q, k, v, **kwargs)
+    assert out.dtype == dtype and out.shape == ref.shape
+    do = torch.randn_like(ref)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert rel_err(out, ref) < tol
+    for g, g_ref in zip(grads(out, (q, k, v), do.to(dtype)), grads(ref, (q, k, v), do)):
+        assert rel_err(g, g_ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_error_within_twice_torch(dtype):
+    """Half inputs accumulate in float32: no worse than 2x SDPA run in the same dtype."""
+    (q, k, v), kwargs = _inputs((2, 4, 2, 33, 47, 32, 32, True, None, None, None), dtype)
+    ref = sdpa_oracle(q, k, v, **kwargs)
+    do = torch.randn_like(ref)
+    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    base = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-3
+    for g, g_base, g_ref in zip(
+        grads(out, (q, k, v), do.to(dtype)), grads(base, (q, k, v), do.to(dtype)), grads(ref, (q, k, v), do)
+    ):
+        assert rel_err(g, g_ref) <= 2 * rel_err(g_base, g_ref) + 1e-3
+
+
+def test_unbatched_input():
+    q, k, v = (torch.randn(3, 6, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(6, 6) < 0.8
+    out = longattn.scaled_dot_product_attention(q, k, v, mask)
+    assert out.shape == (3, 6, 8)
+    assert rel_err(out, sdpa_oracle(q, k, v, attn_mask=mask)) < 1e-12
+
+
+def test_dropout_is_unbiased():
+    """Dropout drops weights and rescales by 1/(1-p): its mean over many draws is the output."""
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    clean = longattn.scaled_dot_product_attention(q, k, v)
+    draws = torch.stack([longattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3) for _ in range(4000)])
+    assert not torch.allclose(draws[0], clean)
+    assert rel_err(draws.mean(0), clean) < 0.03
