@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
+from . import checks, chunked, reference
 
 
 def scaled_dot_product_attention(
@@ -104,7 +104,7 @@ def scaled_dot_product_attention(
     if unbatched:  # a mask that broadcasts to (Hq, Nq, Nk) also broadcasts to (1, Hq, Nq, Nk)
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
 
-    impl = _select_backend(backend)
+    impl = _select_backend(backend, query, key)
     out = impl(
         query, key, value, attn_mask, dropout_p, is_causal, scale,
         normalizer=normalizer, alpha=alpha, length_scale=length_scale,
@@ -112,11 +112,13 @@ def scaled_dot_product_attention(
     return out.squeeze(0) if unbatched else out
 
 
-def _select_backend(backend: str):
+def _select_backend(backend: str, query: torch.Tensor, key: torch.Tensor):
     """Which path runs. The paths share one signature, the reference's."""
-    if backend in ("auto", "reference"):
-        return reference.attention
+    if backend == "reference" or query.shape[-2] == 0 or key.shape[-2] == 0:
+        return reference.attention  # empty inputs: nothing to tile
+    if backend in ("auto", "torch"):
+        return chunked.attention
     raise ValueError(
         f"backend={backend!r} is not available in this version of longattn; "
-        "use backend='reference' or 'auto'"
+        "use 'auto', 'torch' or 'reference'"
     )

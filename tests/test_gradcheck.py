@@ -18,7 +18,7 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("normalizer,alpha,scaled", SETTINGS)
-def test_gradcheck(normalizer, alpha, scaled):
+def test_gradcheck(normalizer, alpha, scaled, backend):
     q = torch.randn(1, 4, 5, 3, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 6, 3, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
@@ -29,7 +29,7 @@ def test_gradcheck(normalizer, alpha, scaled):
     def f(q, k, v, s):
         return longattn.scaled_dot_product_attention(
             q, k, v, mask, is_causal=True, enable_gqa=True, normalizer=normalizer, alpha=alpha,
-            length_scale=s if scaled else None,
+            length_scale=s if scaled else None, backend=backend,
         )
 
     assert gradcheck(f, (q, k, v, s), eps=1e-6, atol=1e-7)

@@ -32,7 +32,7 @@ def _row_by_row(q, k, v, s, normalizer, alpha, allowed, bias, scale):
 
 @pytest.mark.parametrize("normalizer,alpha", [("ssmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5), ("entmax", 1.3)])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_length_scaling_by_the_formula(normalizer, alpha, is_causal):
+def test_length_scaling_by_the_formula(normalizer, alpha, is_causal, backend):
     H, Nq, Nk, D = 3, 9, 12, 5
     q, k, v = (torch.randn(H, n, D, dtype=torch.float64) for n in (Nq, Nk, Nk))
     s = torch.tensor([0.43, 1.0, 1.7], dtype=torch.float64)
@@ -41,7 +41,7 @@ def test_length_scaling_by_the_formula(normalizer, alpha, is_causal):
     bias[4, 5:] = float("-inf")  # a row with 5 keys (4 under the causal mask)
     bias[0, 1:] = float("-inf")  # causal row 0 keeps key 0, n = 1: ln(1) = 0, weight 1
     out = longattn.scaled_dot_product_attention(
-        q, k, v, bias, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s
+        q, k, v, bias, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s, backend=backend
     )
     allowed = bias != float("-inf")
     if is_causal:

@@ -27,7 +27,7 @@ SHAPES = [
 ]
 
 
-def _run(shape, normalizer, alpha, dtype, length_scale=None, logit_gain=3.0):
+def _run(shape, normalizer, alpha, dtype, backend, length_scale=None, logit_gain=3.0):
     B, Hq, Hkv, Nq, Nk, D, Dv, causal, mask_kind = shape
     # A gain > 1 spreads the logits so that the sparse supports are neither one key nor all.
     q = (logit_gain * torch.randn(B, Hq, Nq, D, dtype=torch.float64)).to(dtype).requires_grad_()
@@ -41,7 +41,7 @@ def _run(shape, normalizer, alpha, dtype, length_scale=None, logit_gain=3.0):
         inputs.append(length_scale)
     out = longattn.scaled_dot_product_attention(
         q, k, v, **kwargs, enable_gqa=Hq != Hkv, normalizer=normalizer, alpha=alpha,
-        length_scale=length_scale, backend="reference",
+        length_scale=length_scale, backend=backend,
     )
     ref = attention_oracle(q, k, v, normalizer=normalizer, alpha=alpha, length_scale=length_scale, **kwargs)
     do = torch.randn_like(ref)
@@ -51,21 +51,21 @@ def _run(shape, normalizer, alpha, dtype, length_scale=None, logit_gain=3.0):
 @pytest.mark.parametrize("normalizer,alpha", NORMALIZERS)
 @pytest.mark.parametrize("shape", [pytest.param(s, id=case_id(*s[:8], mask=s[8])) for s in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_sparse_normalizers_match_entmax_package(normalizer, alpha, shape, dtype):
-    out, ref, g_out, g_ref = _run(shape, normalizer, alpha, dtype)
+def test_sparse_normalizers_match_entmax_package(normalizer, alpha, shape, dtype, backend):
+    out, ref, g_out, g_ref = _run(shape, normalizer, alpha, dtype, backend)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert rel_err(out, ref) < tol
     for g, gr in zip(g_out, g_ref):
         assert rel_err(g, gr) < tol
 
 
-def test_sparse_outputs_are_sparse():
+def test_sparse_outputs_are_sparse(backend):
     """The sparse normalizers put exact zeros on keys: check through the value rows picked."""
     q = torch.randn(1, 1, 1, 16, dtype=torch.float64)
     k = torch.randn(1, 1, 64, 16, dtype=torch.float64)
     v = torch.eye(64, dtype=torch.float64).view(1, 1, 64, 64)  # output row = attention weights
     for normalizer, alpha in (("sparsemax", 2.0), ("entmax", 1.5), ("entmax", 1.25)):
-        p = longattn.scaled_dot_product_attention(q, k, v, normalizer=normalizer, alpha=alpha)
+        p = longattn.scaled_dot_product_attention(q, k, v, normalizer=normalizer, alpha=alpha, backend=backend)
         assert (p == 0).sum() > 0 and (p > 0).sum() > 1
         assert abs(p.sum().item() - 1) < 1e-12
     p = longattn.scaled_dot_product_attention(q, k, v)
@@ -84,11 +84,11 @@ LENGTH_SCALED = [
 
 @pytest.mark.parametrize("normalizer,alpha,s", LENGTH_SCALED)
 @pytest.mark.parametrize("shape", [pytest.param(s, id=case_id(*s[:8], mask=s[8])) for s in SHAPES[1:5]])
-def test_length_scaled_match_oracle(normalizer, alpha, s, shape):
+def test_length_scaled_match_oracle(normalizer, alpha, s, shape, backend):
     """Gradients include the one of a per-head `s` tensor."""
     if s == "tensor":
         s = 0.2 + torch.rand(shape[1], dtype=torch.float64)
-    out, ref, g_out, g_ref = _run(shape, normalizer, alpha, torch.float64, length_scale=s, logit_gain=1.0)
+    out, ref, g_out, g_ref = _run(shape, normalizer, alpha, torch.float64, backend, length_scale=s, logit_gain=1.0)
     assert rel_err(out, ref) < 1e-10
     for g, gr in zip(g_out, g_ref):
         assert rel_err(g, gr) < 1e-10

@@ -44,9 +44,9 @@ def _inputs(case, dtype):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=case_id(*c[:8], mask=c[8])) for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_softmax_matches_sdpa(case, dtype):
+def test_softmax_matches_sdpa(case, dtype, backend):
     (q, k, v), kwargs = _inputs(case, dtype)
-    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="reference")
+    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend=backend)
     ref = sdpa_oracle(q, k, v, **kwargs)
     assert out.dtype == dtype and out.shape == ref.shape
     do = torch.randn_like(ref)
@@ -57,12 +57,12 @@ def test_softmax_matches_sdpa(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_error_within_twice_torch(dtype):
+def test_half_precision_error_within_twice_torch(dtype, backend):
     """Half inputs accumulate in float32: no worse than 2x SDPA run in the same dtype."""
     (q, k, v), kwargs = _inputs((2, 4, 2, 33, 47, 32, 32, True, None, None, None), dtype)
     ref = sdpa_oracle(q, k, v, **kwargs)
     do = torch.randn_like(ref)
-    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend=backend)
     base = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
     assert out.dtype == dtype
     assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-3
@@ -72,10 +72,10 @@ def test_half_precision_error_within_twice_torch(dtype):
         assert rel_err(g, g_ref) <= 2 * rel_err(g_base, g_ref) + 1e-3
 
 
-def test_unbatched_input():
+def test_unbatched_input(backend):
     q, k, v = (torch.randn(3, 6, 8, dtype=torch.float64) for _ in range(3))
     mask = torch.rand(6, 6) < 0.8
-    out = longattn.scaled_dot_product_attention(q, k, v, mask)
+    out = longattn.scaled_dot_product_attention(q, k, v, mask, backend=backend)
     assert out.shape == (3, 6, 8)
     assert rel_err(out, sdpa_oracle(q, k, v, attn_mask=mask)) < 1e-12
 
