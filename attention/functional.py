@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import checks, chunked, reference
@@ -104,7 +106,7 @@ def scaled_dot_product_attention(
     if unbatched:  # a mask that broadcasts to (Hq, Nq, Nk) also broadcasts to (1, Hq, Nq, Nk)
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
 
-    impl = _select_backend(backend, query, key)
+    impl = _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer)
     out = impl(
         query, key, value, attn_mask, dropout_p, is_causal, scale,
         normalizer=normalizer, alpha=alpha, length_scale=length_scale,
@@ -112,13 +114,40 @@ def scaled_dot_product_attention(
     return out.squeeze(0) if unbatched else out
 
 
-def _select_backend(backend: str, query: torch.Tensor, key: torch.Tensor):
+def _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer):
     """Which path runs. The paths share one signature, the reference's."""
     if backend == "reference" or query.shape[-2] == 0 or key.shape[-2] == 0:
         return reference.attention  # empty inputs: nothing to tile
-    if backend in ("auto", "torch"):
+    if backend == "torch":
         return chunked.attention
-    raise ValueError(
-        f"backend={backend!r} is not available in this version of longattn; "
-        "use 'auto', 'torch' or 'reference'"
-    )
+    why_not = _triton_unsupported(query, value, attn_mask, dropout_p, normalizer)
+    if backend == "triton":
+        if why_not:
+            raise ValueError(f"backend='triton' cannot run this call: {why_not}; use backend='torch' or 'auto'")
+        return _triton_attention
+    # auto: the kernels on a GPU when they cover the call, the blockwise torch path otherwise
+    return _triton_attention if query.is_cuda and not why_not else chunked.attention
+
+
+def _triton_unsupported(query, value, attn_mask, dropout_p, normalizer) -> str:
+    """Why the Triton kernels cannot serve a call, or "" when they can."""
+    if normalizer != "softmax":
+        return f"normalizer={normalizer!r} has no Triton kernel yet (softmax and ssmax do)"
+    if attn_mask is not None:
+        return "attn_mask is not supported by the kernels (is_causal is)"
+    if dropout_p > 0:
+        return "dropout_p > 0 is not supported by the kernels"
+    if query.dtype == torch.float64:
+        return "float64 is not supported by the kernels (float16, bfloat16, float32 are)"
+    if max(query.shape[-1], value.shape[-1]) > 256:
+        return f"head dims {query.shape[-1]}, {value.shape[-1]} exceed the kernels' 256"
+    if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"):
+        return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing longattn"
+    return ""
+
+
+def _triton_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
+                      normalizer="softmax", alpha=1.5, length_scale=None):
+    from ..kernels.softmax import softmax_attention  # triton is imported only when used
+
+    return softmax_attention(q, k, v, scale=scale, is_causal=is_causal, length_scale=length_scale)

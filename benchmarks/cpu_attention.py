@@ -129,7 +129,9 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--materialised-repeats", type=int, default=1,
+                        help="repeats for the reference and the entmax package, which are slow")
     parser.add_argument("--normalizers", nargs="+", default=list(NORMALIZERS), choices=list(NORMALIZERS))
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     parser.add_argument("--long", type=int, default=32768, help="length of the memory run at H=2 (0: skip)")
@@ -158,8 +160,9 @@ def main():
                     continue
                 if provider in ("reference", "entmax-pkg") and n > MATERIALISING_MAX_N:
                     continue
-                fwd = base[False] if provider == "sdpa" else median_time(fn, inputs, name, False, args.repeats)
-                both = base[True] if provider == "sdpa" else median_time(fn, inputs, name, True, args.repeats)
+                repeats = args.materialised_repeats if provider in ("reference", "entmax-pkg") else args.repeats
+                fwd = base[False] if provider == "sdpa" else median_time(fn, inputs, name, False, repeats)
+                both = base[True] if provider == "sdpa" else median_time(fn, inputs, name, True, repeats)
                 mem = float("nan") if args.no_memory else peak_memory_mib(provider, name, b, h, n, d, True)
                 row = dict(n=n, normalizer=name, provider=provider, fwd_s=fwd, fwd_ratio=fwd / base[False],
                            fwdbwd_s=both, fwdbwd_ratio=both / base[True], peak_mib=mem)

@@ -1,3 +1,10 @@
+import os
+
+# @triton.jit reads TRITON_INTERPRET when a kernel module is imported, so it is set before any test
+# imports longattn: on CPU the kernels run in the interpreter. On a GPU machine run
+# `TRITON_INTERPRET=0 python -m pytest` to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -24,7 +24,12 @@ BAD = [
     ("normalizer", lambda: _call(normalizer="softmx"), ValueError, "normalizer"),
     ("normalizer-type", lambda: _call(normalizer=None), ValueError, "normalizer"),
     ("backend", lambda: _call(backend="cuda"), ValueError, "backend"),
-    ("backend-unavailable", lambda: _call(backend="triton"), ValueError, "backend"),
+    ("triton-entmax", lambda: _call(backend="triton", normalizer="entmax"), ValueError, "backend='triton'.*normalizer"),
+    ("triton-mask", lambda: _call(backend="triton", attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError,
+     "backend='triton'.*attn_mask"),
+    ("triton-dropout", lambda: _call(backend="triton", dropout_p=0.1), ValueError, "backend='triton'.*dropout_p"),
+    ("triton-float64", lambda: longattn.scaled_dot_product_attention(
+        *(t.double() for t in _qkv()), backend="triton"), ValueError, "backend='triton'.*float64"),
     ("alpha-low", lambda: _call(normalizer="entmax", alpha=1.0), ValueError, "alpha"),
     ("alpha-high", lambda: _call(normalizer="entmax", alpha=2.5), ValueError, "alpha"),
     ("alpha-nan", lambda: _call(normalizer="entmax", alpha=math.nan), ValueError, "alpha"),

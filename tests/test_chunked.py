@@ -97,8 +97,9 @@ def test_threshold_search_is_exact_and_quick(alpha, gain):
 
 def test_auto_picks_the_torch_path_on_cpu():
     q = torch.randn(1, 1, 4, 8)
-    assert functional._select_backend("auto", q, q) is chunked.attention
-    assert functional._select_backend("reference", q, q) is reference.attention
+    for normalizer in ("softmax", "entmax"):
+        assert functional._select_backend("auto", q, q, q, None, 0.0, normalizer) is chunked.attention
+    assert functional._select_backend("reference", q, q, q, None, 0.0, "softmax") is reference.attention
 
 
 _MEMORY_PROBE = textwrap.dedent(

@@ -33,3 +33,22 @@ def test_gradcheck(normalizer, alpha, scaled, backend):
         )
 
     assert gradcheck(f, (q, k, v, s), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("normalizer,alpha", [("softmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5)])
+def test_gradcheck_with_dropout(normalizer, alpha, backend):
+    """Dropout's mask is drawn from the global generator: reseeding makes each call the same
+    function, whose gradient must match finite differences (the backward replays the mask)."""
+    q = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        torch.manual_seed(7)
+        return longattn.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.3, is_causal=True, normalizer=normalizer, alpha=alpha, backend=backend
+        )
+
+    assert not torch.equal(f(q, k, v), longattn.scaled_dot_product_attention(
+        q, k, v, is_causal=True, normalizer=normalizer, alpha=alpha, backend=backend))
+    assert gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)
