@@ -32,6 +32,7 @@ def tiny_blocks(monkeypatch):
     runs by row blocks too when it has both a mask and the causal flag)."""
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 48)
     monkeypatch.setattr(chunked, "MIN_BLOCK_ROWS", 2)
+    monkeypatch.setattr(chunked, "COMPACT_FRACTION", 1.0)  # entmax 1.3 steps on packed candidates
 
 
 @pytest.mark.parametrize("normalizer,alpha", SPARSE + [pytest.param("softmax", 1.5, id="softmax"), pytest.param("ssmax", 1.5, id="ssmax")])
@@ -77,14 +78,16 @@ def test_rows_of_8192_keys(normalizer, alpha):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("compact", [0.0, 1.0], ids=["full-rows", "candidates"])
 @pytest.mark.parametrize("alpha", [1.1, 1.3, 1.5, 1.75, 2.0])
 @pytest.mark.parametrize("gain", [0.1, 1.0, 10.0])
-def test_threshold_search_is_exact_and_quick(alpha, gain):
+def test_threshold_search_is_exact_and_quick(alpha, gain, compact, monkeypatch):
     """Newton from the left needs a handful of passes and lands on the reference threshold.
 
     Passes measured here (float32, 256 rows of 4096, gains 0.1 / 0.3 / 1 / 3 / 10): alpha 1.1:
     3-4; 1.3: 4-5; 1.5: 4-7; 1.75: 4-9; 2: 4-11 (flat rows, where many keys leave the support
     one Michelot step at a time, are the slow case)."""
+    monkeypatch.setattr(chunked, "COMPACT_FRACTION", compact)  # other alpha: both ways of stepping
     z = gain * torch.randn(64, 4096, dtype=torch.float64)
     x = (alpha - 1) * (z - z.amax(-1, keepdim=True))
     empty = torch.zeros(64, 1, dtype=torch.bool)

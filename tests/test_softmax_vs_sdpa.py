@@ -90,3 +90,22 @@ def test_dropout_is_unbiased(normalizer, backend):
     draws = longattn.scaled_dot_product_attention(*many, dropout_p=0.3, **kwargs)
     assert not torch.allclose(draws[0], clean[0])
     assert rel_err(draws.mean(0, keepdim=True), clean) < 0.03
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=case_id(*c[:8])) for c in CASES if c[8] is None and c[3] > 1]
+)
+@pytest.mark.parametrize("length_scale", [None, 0.43], ids=["softmax", "ssmax"])
+def test_triton_backend_through_the_api(case, length_scale):
+    """backend="triton" (the interpreter here) behind the public function: SDPA's answer for
+    softmax, the oracle's for SSMax, in float32."""
+    from oracles import attention_oracle
+
+    (q, k, v), kwargs = _inputs(case, torch.float32)
+    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, length_scale=length_scale, backend="triton")
+    kwargs.pop("enable_gqa")
+    ref = attention_oracle(q, k, v, **kwargs, length_scale=length_scale)
+    do = torch.randn_like(ref)
+    assert rel_err(out, ref) < 2e-6
+    for g, g_ref in zip(grads(out, (q, k, v), do.float()), grads(ref, (q, k, v), do)):
+        assert rel_err(g, g_ref) < 2e-6
