@@ -270,14 +270,17 @@ class _Blocks:
         return x
 
     def probs(self, x, row_max, tau):
-        """`p = [x - max - tau]_+ ** (1 / (alpha - 1))`, normalised, computed in place in x."""
-        p = x.sub_(row_max + tau).clamp_(min=0)
-        if self.alpha == 1.5:
-            p.square_()
-        elif self.alpha != 2.0:
-            p.pow_(1.0 / (self.alpha - 1))
+        """`(p, d)`: `d = [x - max - tau]_+`, computed in place in x, and the weights
+        `p = d ** (1 / (alpha - 1))`, normalised (for sparsemax p is d itself)."""
+        d = x.sub_(row_max + tau).clamp_(min=0)
+        if self.alpha == 2.0:
+            p = d
+        elif self.alpha == 1.5:
+            p = d.square()
+        else:
+            p = d.pow(1.0 / (self.alpha - 1))
         # rounding leaves the sum a few ulps off 1; empty rows stay 0
-        return p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny))
+        return p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)), d
 
     def dropout_keep(self, p, index):
         """The block's dropout mask, scaled by 1/(1 - p_drop); the same in forward and backward."""
@@ -312,7 +315,7 @@ class SparseAttention(torch.autograd.Function):
             steps.append(n_steps)
             t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
             row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = m, t
-            p = blocks.probs(x, m, t)
+            p, _ = blocks.probs(x, m, t)
             if dropout_p > 0:
                 p.mul_(blocks.dropout_keep(p, index))
             out_blk = torch.matmul(p.flatten(1, 2), vc[i, h0:h1, : blocks.keys(r1)])
@@ -335,7 +338,7 @@ class SparseAttention(torch.autograd.Function):
         for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
             nk = blocks.keys(r1)
             x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
-            p = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1])
+            p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1])
             do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
             dp = torch.matmul(do_blk, vc[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
             p_used = p
@@ -344,8 +347,14 @@ class SparseAttention(torch.autograd.Function):
                 p_used = p * keep
                 dp.mul_(keep)
             dv[i, h0:h1, :nk] += torch.matmul(p_used.flatten(1, 2).transpose(-1, -2), do_blk)
-            # dp/dx = p ** (2 - alpha) / (alpha - 1) on the support (the indicator for sparsemax)
-            u = (p > 0).to(dtype) if alpha == 2.0 else (p.sqrt_() if alpha == 1.5 else p.pow_(2 - alpha))
+            # dp/dx = u / (alpha - 1), u = p ** (2 - alpha) on the support: the indicator for
+            # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow)
+            if alpha == 2.0:
+                u = d.sign_()
+            elif alpha == 1.5:
+                u = d
+            else:
+                u = torch.where(d > 0, p / d, 0.0)
             delta = torch.linalg.vecdot(u, dp).unsqueeze(-1) / u.sum(-1, keepdim=True).clamp_(min=1e-30)
             dx = dp.sub_(delta).mul_(u).div_(alpha - 1).flatten(1, 2)  # (heads, G*rows, keys)
             dqx[i, h0:h1, :, r0:r1] = torch.matmul(dx, kc[i, h0:h1, :nk]).unflatten(1, (g, r1 - r0))
