@@ -2,5 +2,8 @@
 
 from .functional import scaled_dot_product_attention
 from .modules import MultiheadAttention, ScaledDotProductAttention
+from .varlen import varlen_attention
 
-__all__ = ["scaled_dot_product_attention", "ScaledDotProductAttention", "MultiheadAttention"]
+__all__ = [
+    "scaled_dot_product_attention", "varlen_attention", "ScaledDotProductAttention", "MultiheadAttention",
+]

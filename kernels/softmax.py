@@ -11,6 +11,11 @@ Semantics are `attention/reference.py` with normalizer "softmax"::
     n_i = Nk if not causal else clamp(i + causal_offset + 1, 0, Nk)   # keys j <= i + causal_offset
     z_ij = scale * (s_h * ln(n_i) if length_scale is not None else 1) * q_i . k_j
     out_i = softmax_j(z_ij) @ v, lse_i = logsumexp_j(z_ij); a row with n_i = 0 gives 0 and -inf.
+
+Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): the inputs
+are packed `(total, H, D)` documents, program id 1 is `doc * H + head`, and each program reads its
+document's offsets and lengths from cu_seqlens, so the above holds per document with rows and
+keys counted from the document's start (`softmax_varlen_attention`). It compiles away otherwise.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ LN2 = tl.constexpr(math.log(2.0))
 
 # Flags derived from the arguments: the common case compiles without masks or dead branches.
 _HEURISTICS = {
-    "EVEN_M": lambda args: args["Nq"] % args["BLOCK_M"] == 0,
-    "EVEN_N": lambda args: args["Nk"] % args["BLOCK_N"] == 0,
+    # Varlen: the sequences are the documents of one packed batch, their offsets and lengths
+    # read from cu_seqlens in-kernel, so no length is known to divide a block.
+    "IS_VARLEN": lambda args: args["cu_seqlens_q"] is not None,
+    "EVEN_M": lambda args: args["cu_seqlens_q"] is None and args["Nq"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["cu_seqlens_q"] is None and args["Nk"] % args["BLOCK_N"] == 0,
     "EVEN_D": lambda args: args["D"] == args["BLOCK_D"] and args["Dv"] == args["BLOCK_DV"],
     "HAS_LENGTH_SCALE": lambda args: args["s"] is not None,
 }
@@ -56,6 +64,17 @@ def _row_scales(s, i_h, offs_m, Nk, scale, causal_offset,
 
 
 @triton.jit
+def _doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
+    """Varlen: document `i_doc`'s first query row and first key in the packed sequences (int64)
+    and its numbers of queries and keys."""
+    bos_q = tl.load(cu_seqlens_q + i_doc)
+    bos_k = tl.load(cu_seqlens_k + i_doc)
+    len_q = tl.load(cu_seqlens_q + i_doc + 1) - bos_q
+    len_k = tl.load(cu_seqlens_k + i_doc + 1) - bos_k
+    return bos_q.to(tl.int64), bos_k.to(tl.int64), len_q, len_k
+
+
+@triton.jit
 def _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M: tl.constexpr):
     """One past the last key any row of query block `i_m` may see: later key blocks are skipped."""
     end = tl.minimum((i_m + 1) * BLOCK_M, Nq) + causal_offset
@@ -77,7 +96,7 @@ def _allowed(offs_m, offs_n, Nk, causal_offset, IS_CAUSAL: tl.constexpr, EVEN_N:
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def softmax_attention_fwd_kernel(
-    q, k, v, o, lse, s,
+    q, k, v, o, lse, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -86,14 +105,25 @@ def softmax_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // Hq, i_bh % Hq
+    i_b, i_h = i_bh // Hq, i_bh % Hq  # varlen: i_b is the document (the batch strides are 0)
     i_hkv = i_h // GROUP  # GQA: the group's K/V are read in place, never repeated
     q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     k += i_b.to(tl.int64) * stride_kb + i_hkv.to(tl.int64) * stride_kh
     v += i_b.to(tl.int64) * stride_vb + i_hkv.to(tl.int64) * stride_vh
     o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    if IS_VARLEN:  # lse is (1, Hq, total_q): Nq is the packed length until it becomes the doc's
+        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
+        lse += i_h.to(tl.int64) * Nq + bos_q
+        Nq, Nk = len_q, len_k
+        if i_m * BLOCK_M >= Nq:
+            return
+        q += bos_q * stride_qm
+        o += bos_q * stride_om
+        k += bos_k * stride_kn
+        v += bos_k * stride_vn
 
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -139,7 +169,9 @@ def softmax_attention_fwd_kernel(
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     store_tile(p_o, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
     b_lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(lse + i_bh.to(tl.int64) * Nq + offs_m, b_lse, mask=mask_m)
+    if not IS_VARLEN:
+        lse += i_bh.to(tl.int64) * Nq
+    tl.store(lse + offs_m, b_lse, mask=mask_m)
 
 
 @triton.jit
@@ -178,7 +210,7 @@ def _load_row_stats(lse, delta, offs_m, mask_m):
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dkdv(
-    q, k, v, do, lse, delta, dk, dv, s,
+    q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -189,11 +221,24 @@ def softmax_attention_bwd_kernel_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bh // Hkv, i_bh % Hkv
+    if IS_VARLEN:  # lse, delta are (1, Hq, total_q): row of head h is h * total_q + bos_q + i
+        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
+        stride_lse_h = Nq
+        Nq, Nk = len_q, len_k
+        if i_n * BLOCK_N >= Nk:
+            return
+        q += bos_q * stride_qm
+        do += bos_q * stride_dom
+        k += bos_k * stride_kn
+        v += bos_k * stride_vn
+        dk += bos_k * stride_dkn
+        dv += bos_k * stride_dvn
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -220,7 +265,10 @@ def softmax_attention_bwd_kernel_dkdv(
             + start_m.to(tl.int64) * stride_qm
         do_h = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh \
             + start_m.to(tl.int64) * stride_dom
-        row_h = (i_b * Hq + i_h).to(tl.int64) * Nq  # row offset into lse / delta
+        if IS_VARLEN:
+            row_h = i_h.to(tl.int64) * stride_lse_h + bos_q
+        else:
+            row_h = (i_b * Hq + i_h).to(tl.int64) * Nq  # row offset into lse / delta
         for m0 in range(start_m, Nq, BLOCK_M):
             rows = m0 + offs_m
             mask_m = rows < Nq
@@ -254,7 +302,7 @@ def softmax_attention_bwd_kernel_dkdv(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dq(
-    q, k, v, do, lse, delta, dq, ds_row, s,
+    q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -264,12 +312,24 @@ def softmax_attention_bwd_kernel_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // Hq, i_bh % Hq
     i_hkv = i_h // GROUP
+    if IS_VARLEN:  # lse, delta, ds_row are (1, Hq, total_q)
+        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
+        row = i_h.to(tl.int64) * Nq + bos_q
+        Nq, Nk = len_q, len_k
+        if i_m * BLOCK_M >= Nq:
+            return
+        q += bos_q * stride_qm
+        do += bos_q * stride_dom
+        dq += bos_q * stride_dqm
+        k += bos_k * stride_kn
+        v += bos_k * stride_vn
     k += i_b.to(tl.int64) * stride_kb + i_hkv.to(tl.int64) * stride_kh
     v += i_b.to(tl.int64) * stride_vb + i_hkv.to(tl.int64) * stride_vh
 
@@ -288,7 +348,8 @@ def softmax_attention_bwd_kernel_dq(
         + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
-    row = i_bh.to(tl.int64) * Nq
+    if not IS_VARLEN:
+        row = i_bh.to(tl.int64) * Nq
     b_lse, b_delta = _load_row_stats(lse + row, delta + row, offs_m, mask_m)
     f_scale, ln_scale = _row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
     row_scale = f_scale * LOG2E
@@ -341,27 +402,57 @@ def _causal_args(causal_offset: int | None, Nq: int, Nk: int) -> tuple[bool, int
     return True, max(-Nq, min(int(causal_offset), Nk))
 
 
+def _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """`(B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk)`. Varlen (`cu_seqlens_q` given): `q` is
+    `(total_q, Hq, D)`, `v` `(total_k, Hkv, Dv)`; B counts the documents, Nq and Nk are the packed
+    lengths (the kernels read each document's own), and the grids span the longest document."""
+    if cu_seqlens_q is None:
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
+        return B, Hq, Nq, D, Hkv, Nk, Dv, Nq, Nk
+    (Nq, Hq, D), (Nk, Hkv, Dv) = q.shape, v.shape
+    return cu_seqlens_q.numel() - 1, Hq, Nq, D, Hkv, Nk, Dv, max_seqlen_q, max_seqlen_k
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """Strides in the kernels' (B, H, N, D) order. A packed `(total, H, D)` tensor has batch
+    stride 0: its documents are placed by cu_seqlens, not by the batch index."""
+    return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else t.stride()
+
+
 def softmax_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     causal_offset: int | None, length_scale=None,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides.
     `causal_offset`: None (no mask) or key j allowed for row i iff j <= i + causal_offset.
     `length_scale`: None, a float or a `()` / `(Hq,)` tensor.
-    Returns `out` (B, Hq, Nq, Dv) in q's dtype and the natural-log `lse` (B, Hq, Nq) in fp32."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
-    if lse.numel() == 0:
+    Returns `out` (B, Hq, Nq, Dv) in q's dtype and the natural-log `lse` (B, Hq, Nq) in fp32.
+
+    Varlen, with `cu_seqlens_q`, `cu_seqlens_k` (int32, `(num_docs + 1,)`, checked by the caller)
+    and the longest document's lengths `max_seqlen_q`, `max_seqlen_k`: `q` (total_q, Hq, D), `k`
+    (total_k, Hkv, D), `v` (total_k, Hkv, Dv); each document is a sequence of its own, rows and
+    keys counted from its start (so `causal_offset` applies per document). Returns `out`
+    (total_q, Hq, Dv) and `lse` (Hq, total_q)."""
+    varlen = cu_seqlens_q is not None
+    B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if varlen:
+        out = torch.empty(Nq, Hq, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(Hq, Nq, dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    if B * Hq * grid_nq == 0:
         return out, lse
     is_causal, offset = _causal_args(causal_offset, Nq, Nk)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
-    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
+    grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
     softmax_attention_fwd_kernel[grid](
-        q, k, v, out, lse, _length_scale_vector(length_scale, Hq, q.device),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, lse, _length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, DOT_PRECISION=dot_precision(q.dtype),
@@ -374,52 +465,61 @@ def softmax_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale=None, dlse: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `softmax_attention_fwd` from the upstream `do` (and `dlse`, the gradient of
     the lse, if any). `out` and `lse` may come from elsewhere, e.g. merged over key shards: P is
     recomputed as exp(z - lse). Returns `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the
-    gradient of the `(Hq,)` length scale in fp32 (None without length scaling)."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    gradient of the `(Hq,)` length scale in fp32 (None without length scaling). Varlen as in
+    `softmax_attention_fwd`, the tensors in its packed layouts."""
+    varlen = cu_seqlens_q is not None
+    B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset = _causal_args(causal_offset, Nq, Nk)
     s = _length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
-    BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
+    BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(
+        max(BLOCK_D, BLOCK_DV), q.dtype, backward=True
+    )
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal,
               "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
 
-    delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    # delta is row-wise: varlen runs it over the packed rows as one sequence, (1, Hq, total_q).
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     if delta.numel() > 0:
-        softmax_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, BLOCK_HELD), B * Hq)](
-            out, do, delta, *out.stride(), *do.stride(), Hq, Nq, Dv,
+        softmax_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, BLOCK_HELD), delta.numel() // Nq)](
+            out, do, delta, *_strides(out, varlen), *_strides(do, varlen), Hq, Nq, Dv,
             BLOCK_M=BLOCK_HELD, BLOCK_DV=BLOCK_DV,
         )
         if dlse is not None:  # d lse_i / d z_ij = P_ij: folds into the row term
             delta -= dlse.float()
 
-    dk = torch.empty(B, Hkv, Nk, D, dtype=k.dtype, device=k.device)
-    dv = torch.empty(B, Hkv, Nk, Dv, dtype=v.dtype, device=v.device)
-    if B * Hkv * Nk > 0:
-        softmax_attention_bwd_kernel_dkdv[(triton.cdiv(Nk, BLOCK_HELD), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, s,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if B * Hkv * grid_nk > 0:
+        softmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, BLOCK_HELD), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
             BLOCK_M=BLOCK_STREAMED, BLOCK_N=BLOCK_HELD, **common,
         )
 
-    dq = torch.empty(B, Hq, Nq, D, dtype=q.dtype, device=q.device)
-    ds_row = None if s is None else torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
-    if dq.numel() > 0:
-        softmax_attention_bwd_kernel_dq[(triton.cdiv(Nq, BLOCK_HELD), B * Hq)](
-            q, k, v, do, lse, delta, dq, ds_row, s,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ds_row = None if s is None else torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    if B * Hq * grid_nq * D > 0:
+        softmax_attention_bwd_kernel_dq[(triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)](
+            q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
         )
-    ds = None if s is None else ds_row.sum(dim=(0, 2))
-    return dq, dk, dv, ds
+    if s is None:
+        return dq, dk, dv, None
+    return dq, dk, dv, ds_row.sum(dim=1) if varlen else ds_row.sum(dim=(0, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,13 +530,19 @@ def softmax_attention_bwd(
 @torch.library.custom_op("longattn::softmax_attention_fwd", mutates_args=())
 def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
-    length_scale: torch.Tensor | None,
+    length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale)
+    return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale,
+                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, scale, causal_offset, length_scale):
+def _(q, k, v, scale, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
+      max_seqlen_q=0, max_seqlen_k=0):
+    if cu_seqlens_q is not None:  # varlen: (total_q, Hq, Dv) and (Hq, total_q)
+        Nq, Hq, _ = q.shape
+        return q.new_empty(Nq, Hq, v.shape[-1]), q.new_empty(Hq, Nq, dtype=torch.float32)
     B, Hq, Nq, _ = q.shape
     return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
 
@@ -446,14 +552,18 @@ def _bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, dlse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse)
+    dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse,
+                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     # A custom op cannot return None: an empty ds stands for "no length scale".
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if ds is None else ds
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse):
+def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
@@ -464,14 +574,16 @@ def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse):
 
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
-    """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`."""
+    """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
+    The trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`, are
+    given in varlen mode only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal_offset, length_scale):
+    def forward(ctx, q, k, v, scale, causal_offset, length_scale, *varlen):
         s = _length_scale_vector(length_scale, q.shape[1], q.device)
-        out, lse = torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s)
-        ctx.save_for_backward(q, k, v, out, lse, s)
-        ctx.scale, ctx.causal_offset = scale, causal_offset
+        out, lse = torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen)
+        ctx.save_for_backward(q, k, v, out, lse, s, *varlen[:2])
+        ctx.scale, ctx.causal_offset, ctx.max_seqlens = scale, causal_offset, varlen[2:]
         ctx.length_scale_meta = None
         if torch.is_tensor(length_scale):
             ctx.length_scale_meta = (length_scale.shape, length_scale.dtype)
@@ -480,17 +592,17 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, s = ctx.saved_tensors
+        q, k, v, out, lse, s, *cu_seqlens = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse
+            dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse, *cu_seqlens, *ctx.max_seqlens
         )
         d_length_scale = None
         if ctx.length_scale_meta is not None and ctx.needs_input_grad[5]:
             shape, dtype = ctx.length_scale_meta
             d_length_scale = ds.sum_to_size(shape).to(dtype)  # () sums over heads
-        return dq, dk, dv, None, None, d_length_scale
+        return dq, dk, dv, None, None, d_length_scale, *(None,) * (len(cu_seqlens) + len(ctx.max_seqlens))
 
 
 def softmax_attention(
@@ -532,10 +644,51 @@ def softmax_attention(
     return (out, lse) if return_lse else out
 
 
-def _check_inputs(q, k, v) -> None:
-    """What the kernels cannot do; the general argument checks live in `attention/checks.py`."""
-    if not q.dim() == k.dim() == v.dim() == 4:
-        raise ValueError(f"q, k, v must be (B, H, N, D); got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+def softmax_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float | None = None,
+    is_causal: bool = False,
+    length_scale: float | torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Softmax attention over packed documents (flash-attn's varlen layout) by the same kernels.
+
+    Args:
+        q: `(total_q, Hq, D)`; k: `(total_k, Hkv, D)`; v: `(total_k, Hkv, Dv)`; dtypes, head
+            dims and strides as `softmax_attention`.
+        cu_seqlens_q, cu_seqlens_k: int32 `(num_docs + 1,)`, the offsets of the documents in the
+            packed rows, from 0 to the total; not checked here (`longattn.varlen_attention` does).
+        max_seqlen_q, max_seqlen_k: at least the longest document's lengths (they size the grid).
+        scale, length_scale: as `softmax_attention`; `n_i` counts the keys of row i's document.
+        is_causal: top-left within each document: key j for row i iff `j <= i`, both counted
+            from the document's start.
+        return_lse: also return the lse, `(Hq, total_q)` float32 (differentiable).
+
+    Returns:
+        `(total_q, Hq, Dv)` in q's dtype (and the lse). Document d's queries see document d's
+        keys only; a row with no key gives 0 (lse -inf) and gradient 0.
+    """
+    _check_inputs(q, k, v, varlen=True)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = SoftmaxAttentionFunction.apply(
+        q, k, v, scale, 0 if is_causal else None, length_scale,
+        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    )
+    return (out, lse) if return_lse else out
+
+
+def _check_inputs(q, k, v, varlen: bool = False) -> None:
+    """What the kernels cannot do; the general argument checks live in `attention/checks.py`.
+    The heads are dim 1 in both layouts, (B, H, N, D) and varlen's (total, H, D)."""
+    ndim, layout = (3, "(total, H, D)") if varlen else (4, "(B, H, N, D)")
+    if not q.dim() == k.dim() == v.dim() == ndim:
+        raise ValueError(f"q, k, v must be {layout}; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "

@@ -6,7 +6,11 @@ public API.
 """
 
 from longattn.attention import MultiheadAttention, ScaledDotProductAttention, scaled_dot_product_attention
+from longattn.attention import varlen_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "ScaledDotProductAttention", "MultiheadAttention", "__version__"]
+__all__ = [
+    "scaled_dot_product_attention", "varlen_attention", "ScaledDotProductAttention", "MultiheadAttention",
+    "__version__",
+]

@@ -1,0 +1,189 @@
+"""Attention over packed variable-length documents (flash-attn's varlen layout): argument
+checks, dispatch, and the per-document definition on top of the dense function."""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .functional import _triton_unsupported, scaled_dot_product_attention
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    normalizer: str = "softmax",
+    alpha: float = 1.5,
+    length_scale: float | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Attention over a batch of documents packed along one axis, each attending only to itself.
+
+    Document ``d`` holds query rows ``cu_seqlens_q[d]:cu_seqlens_q[d+1]`` and keys
+    ``cu_seqlens_k[d]:cu_seqlens_k[d+1]``. Equivalent to the following (the ``"reference"`` and
+    ``"torch"`` backends run exactly this loop; ``"triton"`` does it in one launch)::
+
+        def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
+            outs = []
+            for d in range(len(cu_seqlens_q) - 1):
+                qs, qe = cu_seqlens_q[d], cu_seqlens_q[d + 1]
+                ks, ke = cu_seqlens_k[d], cu_seqlens_k[d + 1]
+                q_d = q[qs:qe].transpose(0, 1).unsqueeze(0)               # (1, Hq, n_d, D)
+                k_d = k[ks:ke].transpose(0, 1).unsqueeze(0)               # (1, Hkv, m_d, D)
+                v_d = v[ks:ke].transpose(0, 1).unsqueeze(0)
+                o_d = longattn.scaled_dot_product_attention(q_d, k_d, v_d, enable_gqa=True, **kw)
+                outs.append(o_d[0].transpose(0, 1))                       # (n_d, Hq, Dv)
+            return torch.cat(outs)
+
+    So every semantic of :func:`longattn.scaled_dot_product_attention` holds per document:
+    ``is_causal`` is top-left within each document (key ``j`` for row ``i`` iff ``j <= i``, both
+    counted from the document's start, also when its query and key lengths differ); length
+    scaling (SSMax, Nakanishi 2025) uses each row's own ``n_i``, the keys of its document it may
+    see; a document with queries but no keys gives 0.
+
+    Args:
+        query: ``(total_q, Hq, D)``.
+        key: ``(total_k, Hkv, D)``; ``Hq`` a multiple of ``Hkv`` (grouped-query attention is
+            always allowed: query head ``h`` reads key head ``h // (Hq // Hkv)``).
+        value: ``(total_k, Hkv, Dv)``.
+        cu_seqlens_q, cu_seqlens_k: int32 (only, as flash-attn) 1-D tensors of length
+            ``num_docs + 1`` on the device of ``query``: 0, then the cumulative lengths, ending at
+            ``total_q`` / ``total_k``. Documents of length 0 are allowed.
+        max_seqlen_q, max_seqlen_k: the longest document's lengths; computed when None. Hints:
+            a value below the true maximum raises ``ValueError``.
+        is_causal, scale, normalizer, alpha, length_scale: as
+            :func:`longattn.scaled_dot_product_attention`.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``. ``"triton"`` covers
+            softmax and ssmax in float16, bfloat16 and float32; ``"auto"`` takes it on CUDA
+            tensors when it covers the call, and the per-document loop otherwise.
+
+    Returns:
+        ``(total_q, Hq, Dv)`` in the dtype of ``query``.
+    """
+    _check_packed(query, key, value)
+    docs_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query)
+    docs_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key)
+    if len(docs_q) != len(docs_k):
+        raise ValueError(
+            "cu_seqlens_q and cu_seqlens_k must describe the same number of documents; got "
+            f"{len(docs_q) - 1} and {len(docs_k) - 1}"
+        )
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, docs_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, docs_k)
+    is_causal = checks.check_flag("is_causal", is_causal)
+    scale = checks.check_scale(scale)
+    normalizer = checks.check_choice("normalizer", normalizer, checks.NORMALIZERS)
+    alpha = checks.check_alpha(alpha)
+    length_scale = checks.check_length_scale(length_scale, query.shape[1], query.device)
+    backend = checks.check_choice("backend", backend, checks.BACKENDS)
+
+    kernel_normalizer = "softmax" if normalizer == "ssmax" else normalizer
+    why_not = _triton_unsupported(query, value, None, 0.0, kernel_normalizer)
+    if backend == "triton" and why_not:
+        raise ValueError(f"backend='triton' cannot run this call: {why_not}; use backend='torch' or 'auto'")
+    empty = query.shape[0] == 0 or key.shape[0] == 0  # nothing to tile
+    if backend == "triton" and not empty or backend == "auto" and query.is_cuda and not why_not and not empty:
+        from ..kernels.softmax import softmax_varlen_attention  # triton is imported only when used
+
+        if normalizer == "ssmax" and length_scale is None:
+            length_scale = 1.0
+        return softmax_varlen_attention(
+            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            scale=scale, is_causal=is_causal, length_scale=length_scale,
+        )
+    dense_backend = "auto" if backend == "triton" else backend  # "triton" here: empty inputs
+    return _per_document(
+        query, key, value, docs_q, docs_k, is_causal=is_causal, scale=scale, normalizer=normalizer,
+        alpha=alpha, length_scale=length_scale, backend=dense_backend,
+    )
+
+
+def _per_document(query, key, value, docs_q, docs_k, **kwargs) -> torch.Tensor:
+    """The definition: the dense function on each document's `(1, H, n, D)` views, concatenated."""
+    outs = [query.new_empty(0, query.shape[1], value.shape[2])]  # for zero documents
+    for d in range(len(docs_q) - 1):
+        q_d, k_d, v_d = (
+            t[start:end].transpose(0, 1).unsqueeze(0)
+            for t, (start, end) in (
+                (query, docs_q[d:d + 2]), (key, docs_k[d:d + 2]), (value, docs_k[d:d + 2])
+            )
+        )
+        out = scaled_dot_product_attention(q_d, k_d, v_d, enable_gqa=True, **kwargs)  # (1, Hq, n, Dv)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _check_packed(query, key, value) -> None:
+    """Layout `(total, H, D)`; query heads a multiple of key heads."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have the packed shape (total, H, D); got {tuple(t.shape)}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(
+            f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not query.device == key.device == value.device:
+        raise ValueError(
+            f"query, key and value must be on one device; got {query.device}, {key.device}, {value.device}"
+        )
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"query and key must have the same head dim; got {query.shape[2]} and {key.shape[2]}"
+        )
+    if query.shape[2] < 1:
+        raise ValueError("query and key head dim must be at least 1; got 0")
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(
+            f"key and value must have the same total length (dim 0); got {key.shape[0]} and {value.shape[0]}"
+        )
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(
+            f"key and value must have the same number of heads; got {key.shape[1]} and {value.shape[1]}"
+        )
+    h_q, h_kv = query.shape[1], key.shape[1]
+    if h_kv == 0 or h_q % h_kv != 0:
+        raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
+
+
+def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> list[int]:
+    """int32, 1-D, on `packed`'s device, from 0, non-decreasing, ending at `packed`'s length.
+    Returns the offsets as ints (one host sync)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as in flash-attn); got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be 1-D of length num_docs + 1; got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != packed.device:
+        raise ValueError(f"{name} must be on {packed.device}; got {cu_seqlens.device}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0; got {offsets[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must be non-decreasing; got {offsets}")
+    if offsets[-1] != packed.shape[0]:
+        raise ValueError(f"{name} must end at the total length {packed.shape[0]}; got {offsets[-1]}")
+    return offsets
+
+
+def _check_max_seqlen(name: str, max_seqlen, offsets: list[int]) -> int:
+    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+    if max_seqlen is None:
+        return longest
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise TypeError(f"{name} must be None or an int; got {type(max_seqlen).__name__}")
+    if max_seqlen < longest:
+        raise ValueError(f"{name} ({max_seqlen}) is below the longest document's length ({longest})")
+    return max_seqlen

@@ -1,0 +1,292 @@
+"""Every configuration the softmax launchers can pick, compiled ahead of time for sm_80 and sm_90
+without a GPU: the build succeeds, nothing spills to local memory, shared memory fits the chip,
+and on sm_90 the kernels with matrix products use `wgmma`.
+
+The launches are not hard-coded. The public launchers (`softmax_attention_fwd` / `_bwd`) run on
+small CPU tensors with each kernel's launch replaced by a recorder, so whatever arguments,
+constexpr switches, heuristics and `num_warps` / `num_stages` they pass today are what gets
+built. Each recorded argument is specialised as Triton's JIT does at a real launch (see
+`_specialise`), then compiled by `triton.compile` in worker processes that import the kernels
+with TRITON_INTERPRET=0 (the interpreter's kernels cannot be compiled) and a fresh cache.
+Run with `-s` to see the table of registers, shared and local memory per build.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+import triton
+
+# longattn is imported inside functions only: collecting this file touches no kernel, and the
+# worker processes (spawned with TRITON_INTERPRET=0) import their own, compilable, copy.
+
+# Max shared memory per block (dynamic, opt-in) of each chip, CUDA programming guide table 21.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+HEAD_DIMS = [64, 128]
+LENGTHS = {"even": 4096, "uneven": 1000}  # 1000 is a multiple of neither block (64, 32)
+TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+                torch.uint8: "u8", torch.bool: "i1"}
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+class _Pointer:
+    """What a tensor argument contributes to a build: its element type and 16-byte alignment."""
+
+    def __init__(self, dtype: str, aligned: bool):
+        self.dtype, self.aligned = dtype, aligned
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording the launches (main process)
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernels(module):
+    """`{name: (public object, the object whose run() a launch reaches)}` for each kernel launched
+    from `module`: `kernel[grid](...)` goes through `@triton.heuristics` (which adds its flags
+    to the keyword arguments) down to the JIT or interpreted function's `run`."""
+    found = {}
+    for name, obj in vars(module).items():
+        if isinstance(obj, triton.runtime.jit.KernelInterface):
+            inner = obj
+            while isinstance(getattr(inner, "fn", None), triton.runtime.jit.KernelInterface):
+                inner = inner.fn
+            found[name] = (obj, inner)
+    return found
+
+
+def _describe(value, dtype_name):
+    """A picklable stand-in for one argument; fp16 tensors become `dtype_name` tensors."""
+    if torch.is_tensor(value):
+        name = TORCH_DTYPES[value.dtype]
+        return _Pointer(dtype_name if name == "fp16" else name, value.data_ptr() % 16 == 0)
+    return value
+
+
+def record_launches(module, call, dtype_names):
+    """Runs `call()` with every kernel launch of `module` recorded instead of run. Returns one
+    build description per launch and dtype: `(kernel name, {arg: value}, launch options)`."""
+    launches = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name, (_, inner) in _kernels(module).items():
+            def run(*args, grid, warmup, _name=name, _inner=inner, **kwargs):
+                launches.append((_name, args, kwargs))
+            mp.setattr(inner, "run", run)
+        call()
+    builds = []
+    for name, args, kwargs in launches:
+        fn = _kernels(module)[name][1].fn  # the python function under the JIT / interpreter
+        arg_names = list(inspect.signature(fn).parameters)
+        bound = dict(zip(arg_names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in arg_names})
+        options = {k: v for k, v in kwargs.items() if k not in arg_names}
+        for dtype_name in dtype_names:
+            builds.append((name, {k: _describe(v, dtype_name) for k, v in bound.items()}, options))
+    return builds
+
+
+# ----------------------------------------------------------------------------------------------
+# Building (worker processes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _specialise(param, value):
+    """`(signature type, constexpr value or None, divisibility attr)` of one argument, by the rules
+    of Triton's JIT launch (`native_specialize_impl`): ints equal to 1 become constexprs, ints
+    and pointers divisible by 16 carry `tt.divisibility=16`, floats are fp32, None a constexpr."""
+    if param.is_constexpr or value is None:
+        return "constexpr", value, False
+    if isinstance(value, _Pointer):
+        return "*" + value.dtype, None, value.aligned and not param.do_not_specialize_on_alignment
+    if isinstance(value, bool):
+        return "u1", None, False
+    if isinstance(value, int):
+        if value == 1 and not param.do_not_specialize:
+            return "constexpr", 1, False
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        return kind, None, value % 16 == 0 and not param.do_not_specialize
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"no Triton type for argument {param.name}={value!r}")
+
+
+def _run_tool(tool, *args):
+    return subprocess.run([os.path.join(NVIDIA_BIN, tool), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def build(name, bound, options, capability):
+    """Compiles one launch for `sm_<capability>`; returns its resource usage."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    from longattn.kernels import softmax as module
+
+    target = GPUTarget("cuda", capability, 32)
+    jit_fn = _kernels(module)[name][1]
+    assert isinstance(jit_fn, triton.runtime.jit.JITFunction), "the worker must not interpret"
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(jit_fn.params):
+        kind, const, divisible = _specialise(param, bound[param.name])
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = const
+        if divisible:
+            attrs[(i,)] = CUDABackend(target).parse_attr("D")
+    kernel = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=target, options=options)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = _run_tool("cuobjdump", "--dump-resource-usage", cubin)
+        sass = _run_tool("cuobjdump", "-sass", cubin) if capability >= 90 else ""
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ptx = kernel.asm["ptx"]
+    dtype = next(v.dtype for v in bound.values() if isinstance(v, _Pointer) and v.dtype in ("fp16", "bf16"))
+    return {
+        "kernel": name, "sm": capability, "dtype": dtype,
+        "config": " ".join(f"{k}={bound[k]}" for k in sorted(bound) if k.isupper()),
+        "warps": options.get("num_warps"), "stages": options.get("num_stages"),
+        "regs": int(fields["REG"]), "stack": int(fields["STACK"]), "local": int(fields["LOCAL"]),
+        # cuobjdump counts static shared memory; Triton's is dynamic and lives in the metadata
+        "shared": int(fields["SHARED"]) + kernel.metadata.shared,
+        "wgmma_ptx": ptx.count("wgmma.mma_async"), "mma_sync_ptx": ptx.count("mma.sync"),
+        "hgmma_sass": sass.count("HGMMA"),
+        "has_dot": "tl.dot(" in inspect.getsource(jit_fn.fn),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The test
+# ----------------------------------------------------------------------------------------------
+
+
+def _cases():
+    """`(D, N, causal, length scaling, dtypes)` of each launcher run: the dispatcher's choices
+    (tile_config, the heuristics' EVEN_* flags) follow from these. Even lengths cover the whole
+    grid; the uneven length (the masked loads and the key-bound mask) runs in fp16 only and
+    without length scaling, to keep the file near a minute on 2 cores: the dtype changes no
+    instruction but the conversions, and length scaling is covered at even lengths."""
+    for d in HEAD_DIMS:
+        for causal in (False, True):
+            for scaled in (False, True):
+                yield d, LENGTHS["even"], causal, scaled, ["fp16", "bf16"]
+            yield d, LENGTHS["uneven"], causal, False, ["fp16"]
+
+
+def _launcher_call(module, d, n, causal, scaled):
+    """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
+    runtime value rather than the constexpr 1 that Hq == Hkv gives."""
+    def call():
+        q = torch.zeros(1, 2, n, d, dtype=torch.float16)
+        kv = torch.zeros(1, 1, n, d, dtype=torch.float16)
+        s = torch.full((2,), 0.43) if scaled else None
+        offset = 0 if causal else None
+        out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s)
+        module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s)
+    return call
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    for tool in ("cuobjdump", "ptxas"):
+        if not os.access(os.path.join(NVIDIA_BIN, tool), os.X_OK):
+            pytest.skip(f"triton's NVIDIA backend has no {tool} in {NVIDIA_BIN}")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
+    from longattn.kernels import softmax as module
+
+    launches = []
+    for d, n, causal, scaled, dtype_names in _cases():
+        launches += record_launches(module, _launcher_call(module, d, n, causal, scaled), dtype_names)
+    unique = {}
+    for name, bound, options in launches:  # e.g. the preprocess kernel ignores causal and scaling
+        key = (name, repr(sorted((k, vars(v) if isinstance(v, _Pointer) else v) for k, v in bound.items())),
+               repr(sorted(options.items())))
+        unique.setdefault(key, (name, bound, options))
+    jobs = [(*job, sm) for job in unique.values() for sm in SHARED_LIMIT]
+    # Spawned workers inherit the environment: the kernels (and triton's own library functions,
+    # jitted when triton is imported) must be compiled, not interpreted; the cache starts empty,
+    # so every run really compiles.
+    cache_dir = str(tmp_path_factory.mktemp("triton_cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        mp.setenv("TRITON_CACHE_DIR", cache_dir)
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=2, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            futures = [pool.submit(build, *job) for job in jobs]
+            results, failures = [], []
+            for job, future in zip(jobs, futures):
+                try:
+                    results.append(future.result())
+                except Exception as e:  # reported together below, with the configuration
+                    failures.append(f"{job[0]} sm_{job[3]} {job[2]}: {e!r}")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    _print_table(results)
+    assert not failures, "builds failed:\n" + "\n".join(failures)
+    return results
+
+
+def _print_table(results):
+    print("\n| kernel | sm | dtype | warps/stages | config | regs | local | stack | shared B | wgmma (ptx) | "
+          "HGMMA (sass) | mma.sync (ptx) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(results, key=lambda r: (r["kernel"], r["sm"], r["dtype"], r["config"])):
+        print(f"| {r['kernel']} | {r['sm']} | {r['dtype']} | {r['warps']}/{r['stages']} | {r['config']} | "
+              f"{r['regs']} | {r['local']} | {r['stack']} | {r['shared']} | {r['wgmma_ptx']} | "
+              f"{r['hgmma_sass']} | {r['mma_sync_ptx']} |")
+
+
+def _summary(rows):
+    return "\n".join(f"{r['kernel']} sm_{r['sm']} {r['dtype']} {r['config']}: regs {r['regs']}, "
+                     f"local {r['local']}, stack {r['stack']}, shared {r['shared']} B" for r in rows)
+
+
+def test_every_launched_kernel_was_built(builds):
+    from longattn.kernels import softmax as module
+
+    launched = {r["kernel"] for r in builds}
+    jitted = {name for name, (_, inner) in _kernels(module).items()
+              if "tl.program_id" in inspect.getsource(inner.fn)}
+    assert launched == jitted, f"kernels never launched by the launchers: {jitted - launched}"
+    assert {r["sm"] for r in builds} == set(SHARED_LIMIT)
+
+
+def test_no_register_spills(builds):
+    """Spilled registers live in the stack frame: cuobjdump reports them as STACK (ptxas -v as
+    "bytes spill stores"), while its LOCAL stays 0, so both must be 0."""
+    spilled = [r for r in builds if r["local"] or r["stack"]]
+    assert not spilled, "builds that spill to local memory:\n" + _summary(spilled)
+
+
+def test_shared_memory_fits_the_chip(builds):
+    over = [r for r in builds if r["shared"] > SHARED_LIMIT[r["sm"]]]
+    assert not over, "builds over the chip's shared memory per block:\n" + _summary(over)
+
+
+def test_sm90_matrix_products_use_wgmma(builds):
+    """Every kernel with a `tl.dot` gets Hopper's warpgroup MMA on sm_90 (64-row tiles, 4 or 8
+    warps, fp16/bf16 operands all qualify), and no dot falls back to Ampere's `mma.sync`.
+    The bwd preprocess kernel has no matrix product."""
+    sm90 = [r for r in builds if r["sm"] == 90 and r["has_dot"]]
+    assert sm90
+    missing = [r for r in sm90 if not (r["wgmma_ptx"] and r["hgmma_sass"]) or r["mma_sync_ptx"]]
+    assert not missing, "sm_90 builds without wgmma (or with mma.sync):\n" + "\n".join(
+        f"{r['kernel']} {r['dtype']} {r['config']}: wgmma {r['wgmma_ptx']}, HGMMA {r['hgmma_sass']}, "
+        f"mma.sync {r['mma_sync_ptx']}" for r in missing)
+    sm80 = [r for r in builds if r["sm"] == 80 and r["has_dot"]]
+    assert all(r["mma_sync_ptx"] and not r["wgmma_ptx"] for r in sm80), "sm_80 builds should use mma.sync"
