@@ -27,15 +27,16 @@ COMPACT_FRACTION = 0.25
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
-              normalizer="softmax", alpha=1.5, length_scale=None):
+              normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=0):
     """Same signature and semantics as `reference.attention`, in O(N) extra memory per row block."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    causal = causal_offset if is_causal else None  # None: no causal mask; else the offset
     if normalizer == "softmax":
-        return _softmax_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, length_scale)
+        return _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal, scale, length_scale)
     alpha = 2.0 if normalizer == "sparsemax" else alpha
     s = None if length_scale is None else _per_head(length_scale, q)
     seed = int(torch.randint(1 << 62, ())) if dropout_p > 0 else 0
-    return SparseAttention.apply(q, k, v, s, attn_mask, is_causal, scale, alpha, dropout_p, seed)
+    return SparseAttention.apply(q, k, v, s, attn_mask, causal, scale, alpha, dropout_p, seed)
 
 
 def _compute_dtype(t):
@@ -56,12 +57,22 @@ def _mask_4d(attn_mask):
     return None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]
 
 
-def _allowed_block(mask4, is_causal, r0, r1, n_k, device):
+def _causal_block(causal, r0, r1, n_k, device):
+    """`(rows, n_k)`: key j allowed for row i iff `j <= i + causal` (the offset)."""
+    rows = torch.arange(r0, r1, device=device).view(-1, 1)
+    return torch.arange(n_k, device=device).view(1, -1) <= rows + causal
+
+
+def _causal_keys(causal, r1, n_k):
+    """Rows before r1 see only keys before `r1 + causal`: later ones are skipped."""
+    return n_k if causal is None else max(0, min(n_k, r1 + causal))
+
+
+def _allowed_block(mask4, causal, r0, r1, n_k, device):
     """Bool `(Bm, Hm, rows, n_k)` or `(rows, n_k)` of allowed keys for rows `r0:r1`, or None if all are."""
     allowed = None
-    if is_causal:
-        rows = torch.arange(r0, r1, device=device).view(-1, 1)
-        allowed = torch.arange(n_k, device=device).view(1, -1) <= rows
+    if causal is not None:
+        allowed = _causal_block(causal, r0, r1, n_k, device)
     if mask4 is not None:
         blk = mask4[:, :, r0:r1] if mask4.shape[2] > 1 else mask4
         blk = blk if blk.dtype == torch.bool else blk != float("-inf")
@@ -69,19 +80,19 @@ def _allowed_block(mask4, is_causal, r0, r1, n_k, device):
     return allowed
 
 
-def allowed_counts(attn_mask, is_causal, n_q, n_k, device):
+def allowed_counts(attn_mask, causal, n_q, n_k, device):
     """`n_i`, the keys row i may attend to, as float `(Bm, Hm, Nq)` (broadcastable to B, Hq)."""
     mask4 = _mask_4d(attn_mask)
     if mask4 is None:
         rows = torch.arange(n_q, device=device, dtype=torch.float64)
-        n = (rows + 1).clamp(max=n_k) if is_causal else torch.full_like(rows, n_k)
+        n = (rows + 1 + causal).clamp(0, n_k) if causal is not None else torch.full_like(rows, n_k)
         return n.view(1, 1, n_q)
     b_m, h_m = mask4.shape[:2]
     counts = torch.empty(b_m, h_m, n_q, device=device, dtype=torch.float64)
     step = max(1, BLOCK_ELEMENTS // max(1, b_m * h_m * n_k))
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
-        allowed = _allowed_block(mask4, is_causal, r0, r1, n_k, device)
+        allowed = _allowed_block(mask4, causal, r0, r1, n_k, device)
         counts[:, :, r0:r1] = allowed.expand(b_m, h_m, r1 - r0, n_k).sum(-1)
     return counts
 
@@ -96,30 +107,32 @@ def length_factor(s, counts, num_heads):
 # Softmax and SSMax: torch's fused SDPA
 
 
-def _softmax_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, length_scale):
+def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal, scale, length_scale):
     if length_scale is not None:
-        counts = allowed_counts(attn_mask, is_causal, q.shape[2], k.shape[2], q.device)
+        counts = allowed_counts(attn_mask, causal, q.shape[2], k.shape[2], q.device)
         factor = length_factor(_per_head(length_scale, q), counts, q.shape[1])
         q = (q.to(factor.dtype) * factor).to(q.dtype)
     gqa = q.shape[1] != k.shape[1]
-    if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, None, dropout_p, is_causal, scale=scale, enable_gqa=gqa)
-    if attn_mask.dtype != torch.bool:
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)  # SDPA adds a float mask in the query's dtype
-    if not is_causal:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, scale=scale, enable_gqa=gqa)
-    # Causal and a mask: SDPA's math fallback refuses the pair, and folding the causal rule into
-    # a (.., 1, Nk) padding mask would build an (Nq, Nk) one. Go by row blocks instead; rows
-    # before r1 see only keys before r1.
+    if causal is None or (causal == 0 and attn_mask is None):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask, dropout_p, causal == 0, scale=scale, enable_gqa=gqa
+        )
+    # SDPA's causal flag is top-left only, and its math fallback refuses it beside a mask;
+    # folding the rule into a (.., 1, Nk) padding mask would build an (Nq, Nk) one. Go by row
+    # blocks instead, each with its own slice of the causal rule.
     mask4 = _mask_4d(attn_mask)
     rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, k.shape[2]))
     outs = []
     for r0 in range(0, q.shape[2], rows):
         r1 = min(q.shape[2], r0 + rows)
-        nk = min(r1, k.shape[2])
-        mask = mask4[:, :, r0:r1, :nk] if mask4.shape[2] > 1 else mask4[..., :nk]
-        keep = torch.arange(nk, device=q.device) <= torch.arange(r0, r1, device=q.device).view(-1, 1)
-        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        # rows above the first key keep one, masked: SDPA gives them 0 and a zero gradient
+        nk = max(1, _causal_keys(causal, r1, k.shape[2]))
+        mask = _causal_block(causal, r0, r1, nk, q.device)
+        if mask4 is not None:
+            blk = mask4[:, :, r0:r1, :nk] if mask4.shape[2] > 1 else mask4[..., :nk]
+            mask = blk & mask if blk.dtype == torch.bool else blk.masked_fill(~mask, float("-inf"))
         outs.append(F.scaled_dot_product_attention(
             q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], mask, dropout_p, scale=scale, enable_gqa=gqa
         ))
@@ -173,19 +186,23 @@ def _tolerance(x):
 def _newton_step(d, alpha, empty, reduce=None):
     """The Newton step on `G` at `t`, from `d = [x - t]_+` (overwritten); `reduce` sums each row."""
     p = 1.0 / (alpha - 1.0)
-    if reduce is None:
+    if reduce is None:  # whole rows: a fused multiply-and-sum saves a pass
         def reduce(a):
             return a.sum(-1, keepdim=True)
+
+        def reduce_product(a, b):
+            return torch.linalg.vecdot(a, b).unsqueeze(-1)
+    else:
+        def reduce_product(a, b):
+            return reduce(a * b)
     if alpha == 2.0:
         mass = reduce(d)
         slope = reduce(d.sign_())  # the support size
     elif alpha == 1.5:
-        slope = reduce(d)
-        mass = reduce(d.square_())
+        mass, slope = reduce_product(d, d), reduce(d)
     else:
         d_pow = d.pow(p - 1)
-        slope = reduce(d_pow)
-        mass = reduce(d_pow.mul_(d))  # d ** p
+        mass, slope = reduce_product(d_pow, d), reduce(d_pow)  # sum d ** p, sum d ** (p - 1)
     return ((mass - mass.pow(1.0 - 1.0 / p)) / slope).masked_fill_(empty, 0.0)
 
 
@@ -218,16 +235,16 @@ class _Blocks:
     is folded into the query once.
     """
 
-    def __init__(self, q, s, attn_mask, is_causal, scale, alpha, h_kv, n_k, dropout_p, seed):
+    def __init__(self, q, s, attn_mask, causal, scale, alpha, h_kv, n_k, dropout_p, seed):
         b, h_q, n_q, _ = q.shape
         self.group, self.n_k = h_q // h_kv, n_k
-        self.is_causal, self.alpha = is_causal, alpha
+        self.causal, self.alpha = causal, alpha
         self.dropout_p, self.seed = dropout_p, seed
         self.mask4 = _mask_4d(attn_mask)
         self.c = torch.full((1, 1, 1, 1), (alpha - 1) * scale, dtype=q.dtype, device=q.device)
         self.dc_ds = None  # d c / d s_h, for the gradient of s
         if s is not None:
-            counts = allowed_counts(attn_mask, is_causal, n_q, n_k, q.device)
+            counts = allowed_counts(attn_mask, causal, n_q, n_k, q.device)
             self.dc_ds = (alpha - 1) * scale * torch.log(counts.clamp(min=1)).to(q.dtype).unsqueeze(-1)
             self.c = self.c * length_factor(s, counts, h_q)
         rows = min(n_q, max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, self.group * n_k)))
@@ -238,8 +255,8 @@ class _Blocks:
         ]
 
     def keys(self, r1):
-        """Causal rows before r1 see only keys < r1: the rest of the block is skipped."""
-        return min(self.n_k, r1) if self.is_causal else self.n_k
+        """How many keys the block's rows may see: causal rows skip the rest."""
+        return _causal_keys(self.causal, r1, self.n_k)
 
     def cut(self, t, i, h0, h1, r0, r1):
         """Block `(i, h0:h1, r0:r1)` of a tensor shaped like `(B, Hq, Nq, ...)`, where any of
@@ -262,23 +279,24 @@ class _Blocks:
         if mask is not None and mask.dtype != torch.bool:  # a float mask is added to z
             x.add_(mask.to(x.dtype), alpha=self.alpha - 1)
             mask = mask != float("-inf")
-        if self.is_causal:
-            causal = torch.arange(nk, device=x.device) <= torch.arange(r0, r1, device=x.device).view(-1, 1)
+        if self.causal is not None:
+            causal = _causal_block(self.causal, r0, r1, nk, x.device)
             mask = causal if mask is None else mask & causal
         if mask is not None:
             x.masked_fill_(~mask, float("-inf"))
         return x
 
-    def probs(self, x, row_max, tau):
+    def probs(self, x, row_max, tau, keep_base=False):
         """`(p, d)`: `d = [x - max - tau]_+`, computed in place in x, and the weights
-        `p = d ** (1 / (alpha - 1))`, normalised (for sparsemax p is d itself)."""
+        `p = d ** (1 / (alpha - 1))`, normalised; p overwrites d unless `keep_base` (for
+        sparsemax p is d itself)."""
         d = x.sub_(row_max + tau).clamp_(min=0)
         if self.alpha == 2.0:
             p = d
         elif self.alpha == 1.5:
-            p = d.square()
+            p = d.square() if keep_base else d.square_()
         else:
-            p = d.pow(1.0 / (self.alpha - 1))
+            p = d.pow(1.0 / (self.alpha - 1)) if keep_base else d.pow_(1.0 / (self.alpha - 1))
         # rounding leaves the sum a few ulps off 1; empty rows stay 0
         return p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)), d
 
@@ -296,17 +314,21 @@ class SparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, s, attn_mask, is_causal, scale, alpha, dropout_p, seed):
+    def forward(ctx, q, k, v, s, attn_mask, causal, scale, alpha, dropout_p, seed):
         dtype = _compute_dtype(q)
         b, h_kv, n_k, _ = k.shape
         qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-        blocks = _Blocks(qc, s, attn_mask, is_causal, scale, alpha, h_kv, n_k, dropout_p, seed)
+        blocks = _Blocks(qc, s, attn_mask, causal, scale, alpha, h_kv, n_k, dropout_p, seed)
         qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
         out = qx.new_empty(*qx.shape[:-1], v.shape[-1])
         row_max = qx.new_empty(*qx.shape[:-1], 1)
         tau = torch.empty_like(row_max)
         steps = []
         for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
+            if blocks.keys(r1) == 0:  # causal rows above the first key: no weight anywhere
+                out[i, h0:h1, :, r0:r1] = 0
+                row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = 0, float("inf")
+                continue
             x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
             m = x.amax(-1, keepdim=True)
             empty = m == float("-inf")
@@ -337,8 +359,11 @@ class SparseAttention(torch.autograd.Function):
         dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
         for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
             nk = blocks.keys(r1)
+            if nk == 0:
+                dqx[i, h0:h1, :, r0:r1] = 0
+                continue
             x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
-            p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1])
+            p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
             do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
             dp = torch.matmul(do_blk, vc[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
             p_used = p

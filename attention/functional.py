@@ -22,6 +22,7 @@ def scaled_dot_product_attention(
     normalizer: str = "softmax",
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
+    causal_offset: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Scaled dot-product attention with a choice of normalizer.
@@ -32,13 +33,13 @@ def scaled_dot_product_attention(
     ``backend="reference"``; the other backends compute the same without the score matrix)::
 
         def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                      normalizer="softmax", alpha=1.5, length_scale=None):
+                      normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None):
             scale = q.size(-1) ** -0.5 if scale is None else scale
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)     # GQA
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
             allowed = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool)
-            if is_causal:
-                allowed = allowed.tril()                                # top-left, j <= i
+            if is_causal or causal_offset is not None:                  # j <= i + offset,
+                allowed = allowed.tril(diagonal=causal_offset or 0)     # 0: top-left
             bias = 0.0
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 allowed = allowed & attn_mask                            # True = may attend
@@ -82,6 +83,10 @@ def scaled_dot_product_attention(
             after every mask. A float, or a tensor of shape ``(Hq,)`` that may require grad.
             ``"ssmax"`` defaults it to 1.0; with the other normalizers it gives their
             length-scaled variants.
+        causal_offset: a shifted causal mask, key ``j`` allowed for row ``i`` iff
+            ``j <= i + causal_offset`` (implies causal; ``is_causal`` is offset 0). ``Nk - Nq``
+            aligns it bottom-right, as decoding with a KV cache needs; rows left with no key
+            give 0.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -96,6 +101,10 @@ def scaled_dot_product_attention(
     normalizer = checks.check_choice("normalizer", normalizer, checks.NORMALIZERS)
     alpha = checks.check_alpha(alpha)
     length_scale = checks.check_length_scale(length_scale, query.shape[-3], query.device)
+    if causal_offset is not None:
+        if not isinstance(causal_offset, int) or isinstance(causal_offset, bool):
+            raise TypeError(f"causal_offset must be None or an int; got {type(causal_offset).__name__}")
+        is_causal = True
     backend = checks.check_choice("backend", backend, checks.BACKENDS)
 
     if normalizer == "ssmax":
@@ -109,7 +118,7 @@ def scaled_dot_product_attention(
     impl = _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer)
     out = impl(
         query, key, value, attn_mask, dropout_p, is_causal, scale,
-        normalizer=normalizer, alpha=alpha, length_scale=length_scale,
+        normalizer=normalizer, alpha=alpha, length_scale=length_scale, causal_offset=causal_offset or 0,
     )
     return out.squeeze(0) if unbatched else out
 
@@ -147,7 +156,9 @@ def _triton_unsupported(query, value, attn_mask, dropout_p, normalizer) -> str:
 
 
 def _triton_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
-                      normalizer="softmax", alpha=1.5, length_scale=None):
+                      normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=0):
     from ..kernels.softmax import softmax_attention  # triton is imported only when used
 
-    return softmax_attention(q, k, v, scale=scale, is_causal=is_causal, length_scale=length_scale)
+    return softmax_attention(
+        q, k, v, scale=scale, causal_offset=causal_offset if is_causal else None, length_scale=length_scale
+    )

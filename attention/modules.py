@@ -67,12 +67,16 @@ class ScaledDotProductAttention(nn.Module):
         is_causal: bool = False,
         scale: float | None = None,
         enable_gqa: bool = False,
+        *,
+        causal_offset: int | None = None,
     ) -> torch.Tensor:
-        """``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` -> ``(B, Hq, Nq, Dv)``."""
+        """``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` -> ``(B, Hq, Nq, Dv)``;
+        ``causal_offset`` as :func:`longattn.scaled_dot_product_attention` (``Nk - Nq`` when
+        decoding with a KV cache)."""
         return scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             normalizer=self.normalizer, alpha=self.alpha, length_scale=self.length_scale,
-            backend=self.backend,
+            causal_offset=causal_offset, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

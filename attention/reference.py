@@ -27,11 +27,13 @@ def attention(
     normalizer: str = "softmax",
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
+    causal_offset: int = 0,
 ) -> torch.Tensor:
     """Materialising attention. `query` is `(B, Hq, Nq, D)`, `key` `(B, Hkv, Nk, D)`, `value`
     `(B, Hkv, Nk, Dv)`, with `Hq` a multiple of `Hkv`; returns `(B, Hq, Nq, Dv)`.
 
     `normalizer` is "softmax", "sparsemax" or "entmax" (SSMax is softmax with `length_scale`).
+    With `is_causal`, key `j` is allowed for row `i` iff `j <= i + causal_offset`.
     """
     out_dtype = query.dtype
     compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -41,7 +43,7 @@ def attention(
     v = v.repeat_interleave(group, dim=-3)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
-    allowed, bias = split_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device, compute_dtype)
+    allowed, bias = split_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device, compute_dtype, causal_offset)
     scores = q @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
     if length_scale is not None:
         scores = scores * length_factor(length_scale, allowed, q.shape[-3], compute_dtype)
@@ -57,15 +59,15 @@ def attention(
     return (probs @ v).to(out_dtype)
 
 
-def split_mask(attn_mask, is_causal, n_q, n_k, device, dtype):
+def split_mask(attn_mask, is_causal, n_q, n_k, device, dtype, causal_offset=0):
     """Returns `allowed` (bool, broadcastable to the scores) and the additive `bias` (or None).
 
-    A key is allowed when the causal mask (top-left, `j <= i`), a boolean mask (True = attend)
-    and a float mask (not -inf) all allow it.
+    A key is allowed when the causal mask (`j <= i + causal_offset`; 0 is SDPA's top-left), a
+    boolean mask (True = attend) and a float mask (not -inf) all allow it.
     """
     allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
     if is_causal:
-        allowed = allowed.tril()
+        allowed = allowed.tril(diagonal=causal_offset)
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

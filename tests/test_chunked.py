@@ -17,12 +17,14 @@ SPARSE = [
     pytest.param("entmax", 1.3, id="entmax1.3"),
 ]
 
-# (B, Hq, Hkv, Nq, Nk, mask shape or None, is_causal, length-scaled)
+# (B, Hq, Hkv, Nq, Nk, mask shape or None, is_causal or a causal offset, length-scaled)
 BLOCKED = [
     pytest.param((2, 4, 2, 23, 17, (1, 4, 23, 17), False, True), id="GQA-head-mask-scaled"),
     pytest.param((2, 6, 3, 19, 19, None, True, False), id="GQA-causal"),
     pytest.param((3, 2, 1, 9, 31, (3, 1, 1, 31), True, True), id="MQA-batch-key-mask-causal-scaled"),
     pytest.param((1, 3, 3, 41, 7, (41, 7), False, False), id="2d-mask-Nq>Nk"),
+    pytest.param((2, 2, 1, 9, 31, (2, 1, 1, 31), 22, True), id="bottom-right-key-mask-scaled"),
+    pytest.param((1, 4, 2, 23, 11, None, -5, True), id="offset-5-empty-rows-scaled"),
 ]
 
 
@@ -45,7 +47,9 @@ def test_many_blocks_match_reference(tiny_blocks, normalizer, alpha, case, mask_
     v = torch.randn(B, Hkv, Nk, 5, dtype=torch.float64, requires_grad=True)
     s = (0.3 + torch.rand(Hq, dtype=torch.float64)).requires_grad_() if scaled else None
     mask = make_mask(mask_kind, mask_shape) if mask_shape else None
-    kwargs = dict(attn_mask=mask, is_causal=causal, enable_gqa=True, normalizer=normalizer, alpha=alpha, length_scale=s)
+    causal_offset = None if isinstance(causal, bool) else causal  # an int: a shifted causal mask
+    kwargs = dict(attn_mask=mask, is_causal=causal is True, causal_offset=causal_offset, enable_gqa=True,
+                  normalizer=normalizer, alpha=alpha, length_scale=s)
     out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="torch")
     ref = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="reference")
     inputs = [q, k, v] + ([s] if scaled else [])
