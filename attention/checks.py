@@ -60,17 +60,15 @@ def check_scale(scale) -> float | None:
     return float(scale)
 
 
-def check_qkv(query, key, value, enable_gqa: bool) -> None:
-    """Layout `(B, H, N, D)` or unbatched `(H, N, D)`; query heads a multiple of key heads."""
+def check_tensors(query, key, value, ranks, layout: str) -> None:
+    """Floating tensors of one of `ranks` (shape `layout`), sharing a rank, dtype and device."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
-        if t.dim() not in (3, 4):
-            raise ValueError(
-                f"{name} must have shape (B, H, N, D) or unbatched (H, N, D); got {tuple(t.shape)}"
-            )
+        if t.dim() not in ranks:
+            raise ValueError(f"{name} must have shape {layout}; got {tuple(t.shape)}")
     if not query.dim() == key.dim() == value.dim():
         raise ValueError(
             f"query, key and value must have the same rank; got {query.dim()}, {key.dim()}, {value.dim()}"
@@ -83,6 +81,11 @@ def check_qkv(query, key, value, enable_gqa: bool) -> None:
         raise ValueError(
             f"query, key and value must be on one device; got {query.device}, {key.device}, {value.device}"
         )
+
+
+def check_qkv(query, key, value, enable_gqa: bool) -> None:
+    """Layout `(B, H, N, D)` or unbatched `(H, N, D)`; query heads a multiple of key heads."""
+    check_tensors(query, key, value, (3, 4), "(B, H, N, D) or unbatched (H, N, D)")
     if query.dim() == 4 and not query.shape[0] == key.shape[0] == value.shape[0]:
         raise ValueError(
             "query, key and value must have the same batch size; got "

@@ -320,8 +320,8 @@ class SparseAttention(torch.autograd.Function):
         qc, kc, vc = (t.to(dtype) for t in (q, k, v))
         blocks = _Blocks(qc, s, attn_mask, causal, scale, alpha, h_kv, n_k, dropout_p, seed)
         qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
-        out = qx.new_empty(*qx.shape[:-1], v.shape[-1])
-        row_max = qx.new_empty(*qx.shape[:-1], 1)
+        out = torch.empty(*qx.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
+        row_max = torch.empty(*qx.shape[:-1], 1, dtype=dtype, device=q.device)
         tau = torch.empty_like(row_max)
         steps = []
         for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):

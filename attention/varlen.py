@@ -123,21 +123,7 @@ def _per_document(query, key, value, docs_q, docs_k, **kwargs) -> torch.Tensor:
 
 def _check_packed(query, key, value) -> None:
     """Layout `(total, H, D)`; query heads a multiple of key heads."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in checks.FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have the packed shape (total, H, D); got {tuple(t.shape)}")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}"
-        )
-    if not query.device == key.device == value.device:
-        raise ValueError(
-            f"query, key and value must be on one device; got {query.device}, {key.device}, {value.device}"
-        )
+    checks.check_tensors(query, key, value, (3,), "(total, H, D), documents packed along dim 0")
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             f"query and key must have the same head dim; got {query.shape[2]} and {key.shape[2]}"

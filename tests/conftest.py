@@ -20,3 +20,18 @@ def _seed():
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     return request.param
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Fresh buffers start as NaN, so an element a kernel forgets to write fails loudly."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def make_nan(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make_nan
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))

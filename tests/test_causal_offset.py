@@ -19,6 +19,7 @@ SETTINGS = [
 SHAPES = [(1, 9, 8), (4, 19, 15), (7, 7, 0), (12, 5, -7), (6, 10, -3), (5, 8, 20), (3, 4, -9)]
 
 
+@pytest.mark.usefixtures("nan_empty")
 @pytest.mark.parametrize("normalizer,alpha,s", SETTINGS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{a}-{b}-off{c}" for a, b, c in SHAPES])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])

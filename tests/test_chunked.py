@@ -37,6 +37,7 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(chunked, "COMPACT_FRACTION", 1.0)  # entmax 1.3 steps on packed candidates
 
 
+@pytest.mark.usefixtures("nan_empty")
 @pytest.mark.parametrize("normalizer,alpha", SPARSE + [pytest.param("softmax", 1.5, id="softmax"), pytest.param("ssmax", 1.5, id="ssmax")])
 @pytest.mark.parametrize("case", BLOCKED)
 @pytest.mark.parametrize("mask_kind", ["bool", "neginf"])
