@@ -92,3 +92,18 @@ def test_length_scaled_match_oracle(normalizer, alpha, s, shape, backend):
     assert rel_err(out, ref) < 1e-10
     for g, gr in zip(g_out, g_ref):
         assert rel_err(g, gr) < 1e-10
+
+
+@pytest.mark.parametrize("normalizer,alpha", NORMALIZERS[:3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_inputs_accumulate_in_float32(normalizer, alpha, dtype):
+    """Half inputs on the blockwise path: no worse than twice the reference run on the same
+    half inputs (which computes in float32), against the float64 oracle."""
+    shape = (2, 4, 2, 33, 47, 32, 32, True, None)
+    out, ref, g_out, g_ref = _run(shape, normalizer, alpha, dtype, "torch", logit_gain=1.0)
+    torch.manual_seed(0)  # the same inputs again, through the reference
+    base, _, g_base, _ = _run(shape, normalizer, alpha, dtype, "reference", logit_gain=1.0)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-3
+    for g, gb, gr in zip(g_out, g_base, g_ref):
+        assert rel_err(g, gr) <= 2 * rel_err(gb, gr) + 1e-3
