@@ -11,6 +11,12 @@ import torch
 # The paths that run on this machine; each is held to the same oracles.
 CPU_BACKENDS = ["reference", "torch"]
 
+# Where the Triton kernels run: the interpreter on CPU, or a GPU with TRITON_INTERPRET=0.
+INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes")
+KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
+# The kernels' atol beside the 2x-torch tolerance rule, per dtype.
+KERNEL_ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
 
 @pytest.fixture(autouse=True)
 def _seed():

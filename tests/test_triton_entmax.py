@@ -7,23 +7,19 @@ On CPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set before
 imported); on a GPU run with TRITON_INTERPRET=0 to test the compiled kernel.
 """
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
 
-import math  # noqa: E402
+import longattn
+from longattn.attention.reference import entmax_threshold
+from longattn.kernels import entmax as kem
+from conftest import INTERPRET, KERNEL_ATOL, KERNEL_DEVICE
+from oracles import attention_oracle, case_id, rel_err
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import longattn  # noqa: E402
-from attention.reference import entmax_threshold  # noqa: E402
-from longattn.kernels import entmax as kem  # noqa: E402
-from oracles import attention_oracle, case_id, rel_err  # noqa: E402
-
-INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes")
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = KERNEL_DEVICE
 if INTERPRET and not isinstance(kem.entmax_attention_fwd_kernel.fn, InterpretedFunction):
     raise RuntimeError(
         "longattn.kernels.entmax was imported before TRITON_INTERPRET=1 was set, so its kernel was "
@@ -32,7 +28,7 @@ if INTERPRET and not isinstance(kem.entmax_attention_fwd_kernel.fn, InterpretedF
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ATOL = KERNEL_ATOL
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
 ALPHAS = [pytest.param(1.25, id="a1.25"), pytest.param(1.5, id="a1.5"), pytest.param(2.0, id="sparsemax")]
 

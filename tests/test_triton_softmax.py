@@ -2,27 +2,24 @@
 and every gradient, over causal offsets, GQA, odd shapes, strides and SSMax.
 
 On CPU the kernels run in the Triton interpreter. `@triton.jit` reads TRITON_INTERPRET when a
-kernel module is imported, so it is set here before anything imports longattn; on a GPU run
-with TRITON_INTERPRET=0 to test the compiled kernels.
+kernel module is imported, so tests/conftest.py sets it before anything imports longattn; on a
+GPU run with TRITON_INTERPRET=0 to test the compiled kernels.
 """
 
+import math
 import os
+import subprocess
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
 
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+from longattn.kernels import softmax as ksm
+from conftest import INTERPRET, KERNEL_ATOL, KERNEL_DEVICE
+from oracles import attention_oracle, grads, rel_err
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from longattn.kernels import softmax as ksm  # noqa: E402
-from oracles import attention_oracle, grads, rel_err  # noqa: E402
-
-INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes")
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = KERNEL_DEVICE
 if INTERPRET and not isinstance(ksm.softmax_attention_fwd_kernel.fn, InterpretedFunction):
     raise RuntimeError(
         "longattn.kernels.softmax was imported before TRITON_INTERPRET=1 was set, so its kernels "
@@ -31,7 +28,7 @@ if INTERPRET and not isinstance(ksm.softmax_attention_fwd_kernel.fn, Interpreted
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ATOL = KERNEL_ATOL
 S_FLOAT = 0.43
 gpu_only = pytest.mark.skipif(INTERPRET, reason="the Triton interpreter has no bfloat16")
 

@@ -5,24 +5,20 @@ function applied to each document: the output and every gradient, on the per-doc
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1 is set in conftest.py).
 """
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import math  # noqa: E402
+import longattn
+from longattn.kernels import softmax as ksm
+from conftest import INTERPRET, KERNEL_ATOL, KERNEL_DEVICE
+from oracles import attention_oracle, grads, rel_err
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import longattn  # noqa: E402
-from longattn.kernels import softmax as ksm  # noqa: E402
-from oracles import attention_oracle, grads, rel_err  # noqa: E402
-
-INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes")
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = KERNEL_DEVICE
 HAS_TRITON_DEVICE = INTERPRET or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="TRITON_INTERPRET is off and there is no GPU")
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ATOL = KERNEL_ATOL
 NORMALIZERS = ["softmax", "ssmax", "sparsemax", "entmax"]
 
 
