@@ -129,7 +129,7 @@ def _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer
         return reference.attention  # empty inputs: nothing to tile
     if backend == "torch":
         return chunked.attention
-    why_not = _triton_unsupported(query, value, attn_mask, dropout_p, normalizer)
+    why_not = _triton_unsupported(query, value, attn_mask, dropout_p)
     if backend == "triton":
         if why_not:
             raise ValueError(f"backend='triton' cannot run this call: {why_not}; use backend='torch' or 'auto'")
@@ -138,10 +138,8 @@ def _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer
     return _triton_attention if query.is_cuda and not why_not else chunked.attention
 
 
-def _triton_unsupported(query, value, attn_mask, dropout_p, normalizer) -> str:
+def _triton_unsupported(query, value, attn_mask, dropout_p) -> str:
     """Why the Triton kernels cannot serve a call, or "" when they can."""
-    if normalizer != "softmax":
-        return f"normalizer={normalizer!r} has no Triton kernel yet (softmax and ssmax do)"
     if attn_mask is not None:
         return "attn_mask is not supported by the kernels (is_causal is)"
     if dropout_p > 0:
@@ -157,8 +155,13 @@ def _triton_unsupported(query, value, attn_mask, dropout_p, normalizer) -> str:
 
 def _triton_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
                       normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=0):
-    from ..kernels.softmax import softmax_attention  # triton is imported only when used
+    # triton is imported only when used
+    offset = causal_offset if is_causal else None
+    if normalizer == "softmax":
+        from ..kernels.softmax import softmax_attention
 
-    return softmax_attention(
-        q, k, v, scale=scale, causal_offset=causal_offset if is_causal else None, length_scale=length_scale
-    )
+        return softmax_attention(q, k, v, scale=scale, causal_offset=offset, length_scale=length_scale)
+    from ..kernels.entmax import entmax_attention
+
+    alpha = 2.0 if normalizer == "sparsemax" else alpha
+    return entmax_attention(q, k, v, scale=scale, alpha=alpha, causal_offset=offset, length_scale=length_scale)

@@ -62,7 +62,7 @@ def varlen_attention(
         is_causal, scale, normalizer, alpha, length_scale: as
             :func:`longattn.scaled_dot_product_attention`.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``. ``"triton"`` covers
-            softmax and ssmax in float16, bfloat16 and float32; ``"auto"`` takes it on CUDA
+            every normalizer in float16, bfloat16 and float32; ``"auto"`` takes it on CUDA
             tensors when it covers the call, and the per-document loop otherwise.
 
     Returns:
@@ -85,13 +85,27 @@ def varlen_attention(
     length_scale = checks.check_length_scale(length_scale, query.shape[1], query.device)
     backend = checks.check_choice("backend", backend, checks.BACKENDS)
 
-    kernel_normalizer = "softmax" if normalizer == "ssmax" else normalizer
-    why_not = _triton_unsupported(query, value, None, 0.0, kernel_normalizer)
+    why_not = _triton_unsupported(query, value, None, 0.0)
     if backend == "triton" and why_not:
         raise ValueError(f"backend='triton' cannot run this call: {why_not}; use backend='torch' or 'auto'")
     empty = query.shape[0] == 0 or key.shape[0] == 0  # nothing to tile
     if backend == "triton" and not empty or backend == "auto" and query.is_cuda and not why_not and not empty:
-        from ..kernels.softmax import softmax_varlen_attention  # triton is imported only when used
+        return _triton_varlen(
+            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            is_causal=is_causal, scale=scale, normalizer=normalizer, alpha=alpha, length_scale=length_scale,
+        )
+    dense_backend = "auto" if backend == "triton" else backend  # "triton" here: empty inputs
+    return _per_document(
+        query, key, value, docs_q, docs_k, is_causal=is_causal, scale=scale, normalizer=normalizer,
+        alpha=alpha, length_scale=length_scale, backend=dense_backend,
+    )
+
+
+def _triton_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                   is_causal, scale, normalizer, alpha, length_scale):
+    """One launch over every document; triton is imported only when used."""
+    if normalizer in ("softmax", "ssmax"):
+        from ..kernels.softmax import softmax_varlen_attention
 
         if normalizer == "ssmax" and length_scale is None:
             length_scale = 1.0
@@ -99,10 +113,11 @@ def varlen_attention(
             query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             scale=scale, is_causal=is_causal, length_scale=length_scale,
         )
-    dense_backend = "auto" if backend == "triton" else backend  # "triton" here: empty inputs
-    return _per_document(
-        query, key, value, docs_q, docs_k, is_causal=is_causal, scale=scale, normalizer=normalizer,
-        alpha=alpha, length_scale=length_scale, backend=dense_backend,
+    from ..kernels.entmax import entmax_varlen_attention
+
+    return entmax_varlen_attention(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+        alpha=2.0 if normalizer == "sparsemax" else alpha, is_causal=is_causal, length_scale=length_scale,
     )
 
 

@@ -24,8 +24,6 @@ SHAPES = [(1, 9, 8), (4, 19, 15), (7, 7, 0), (12, 5, -7), (6, 10, -3), (5, 8, 20
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{a}-{b}-off{c}" for a, b, c in SHAPES])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
 def test_causal_offset_is_the_shifted_mask(normalizer, alpha, s, shape, backend):
-    if backend == "triton" and normalizer not in ("softmax", "ssmax"):
-        pytest.skip("the Triton kernels cover softmax and ssmax")
     n_q, n_k, offset = shape
     dtype = torch.float32 if backend == "triton" else torch.float64
     q = (2 * torch.randn(2, 4, n_q, 8, dtype=torch.float64)).to(dtype).requires_grad_()

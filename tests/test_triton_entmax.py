@@ -1,7 +1,10 @@
-"""The Triton sparsemax / alpha-entmax forward kernel (`kernels/entmax.py`) against the float64
-oracle (the `entmax` package): the output over alpha in {1.25, 1.5, 2}, odd lengths, GQA, causal
-offsets with empty rows, SSMax length scaling, peaked and flat rows; and the saved row max and
-threshold against `attention.reference.entmax_threshold`. Forward only: the backward comes next.
+"""The Triton sparsemax / alpha-entmax kernels (`kernels/entmax.py`) against the float64 oracle
+(the `entmax` package on materialised logits): the output and every gradient (q, k, v and the
+length scale) over alpha in {1.25, 1.5, 2}, odd lengths, GQA, causal offsets with empty rows,
+SSMax length scaling, peaked rows (one key in the support) and flat ones (every key in it); the
+saved row max and threshold against `attention.reference.entmax_threshold`; the custom ops under
+opcheck and torch.compile; and the dispatch through `longattn.scaled_dot_product_attention`.
+Packed documents are tested in `tests/test_varlen.py`.
 
 On CPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set before longattn is
 imported); on a GPU run with TRITON_INTERPRET=0 to test the compiled kernel.
@@ -17,7 +20,7 @@ import longattn
 from longattn.attention.reference import entmax_threshold
 from longattn.kernels import entmax as kem
 from conftest import INTERPRET, KERNEL_ATOL, KERNEL_DEVICE
-from oracles import attention_oracle, case_id, rel_err
+from oracles import attention_oracle, case_id, grads, rel_err
 
 DEVICE = KERNEL_DEVICE
 if INTERPRET and not isinstance(kem.entmax_attention_fwd_kernel.fn, InterpretedFunction):
@@ -78,34 +81,71 @@ def make_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, s_kind, q_scale):
     return q, k, v, s
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("alpha", ALPHAS)
-@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,D,Dv,off,s_kind,q_scale", [case_param(*c) for c in CASES])
-def test_forward_matches_oracle(B, Hq, Hkv, Nq, Nk, D, Dv, off, s_kind, q_scale, alpha, dtype, nan_empty):
-    """The output errs at most 2x what the reference backend errs in the same dtype, + atol;
-    rows with no key give 0, row max 0 and tau +inf."""
-    q, k, v, s = make_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, s_kind, q_scale)
-    scale = D ** -0.5
-    out, row_max, tau = kem.entmax_attention_fwd(q, k, v, scale, alpha, off, s)
+def leaves(args, dtype=None):
+    """Fresh CPU leaves holding the same values (in `dtype` if given); floats pass through."""
+    return [t.detach().cpu().to(dtype or t.dtype).requires_grad_() if torch.is_tensor(t) else t for t in args]
 
+
+def tensors(args):
+    return [t for t in args if torch.is_tensor(t)]
+
+
+def check_rule(x, x_base, x_ref, dtype, what):
+    """The kernel errs at most 2x what the reference backend errs in the same dtype, + atol."""
+    err, base = rel_err(x, x_ref), rel_err(x_base, x_ref)
+    assert err <= 2 * base + ATOL[dtype], f"{what}: kernel {err:.2e} vs reference backend {base:.2e}"
+
+
+HALF_CASE_IDS = ("gqa", "bottomright-empty", "ssmax", "peaked")
+
+
+def params():
+    out = []
+    for dtype in DTYPES:
+        for c in CASES:
+            if dtype != torch.float32 and c[-1] not in HALF_CASE_IDS:
+                continue
+            for a in ALPHAS:
+                p = case_param(*c)
+                out.append(pytest.param(*p.values, a.values[0], dtype, id=f"{p.id}-{a.id}-{str(dtype)[6:]}"))
+    return out
+
+
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,D,Dv,off,s_kind,q_scale,alpha,dtype", params())
+def test_matches_oracle(B, Hq, Hkv, Nq, Nk, D, Dv, off, s_kind, q_scale, alpha, dtype):
+    """Output and gradients err at most 2x what the reference backend errs in the same dtype,
+    + atol; rows with no key give 0 with gradient 0, and save row max 0 and tau +inf."""
+    args = make_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, s_kind, q_scale)  # q, k, v, s
+    args = [t.requires_grad_() if torch.is_tensor(t) else t for t in args]
+    base_args, ref_args = leaves(args), leaves(args, torch.float64)
+    scale = D ** -0.5
     allowed = allowed_keys(Nq, Nk, off)
-    s_cpu = s.cpu() if torch.is_tensor(s) else s
-    ref = attention_oracle(q.cpu(), k.cpu(), v.cpu(), normalizer="entmax", alpha=alpha,
-                           attn_mask=allowed, scale=scale, length_scale=s_cpu)
+
+    out = kem.entmax_attention(*args[:3], scale=scale, alpha=alpha, causal_offset=off, length_scale=args[3])
+    ref = attention_oracle(*ref_args[:3], normalizer="entmax", alpha=alpha, attn_mask=allowed, scale=scale,
+                           length_scale=ref_args[3])
     base = longattn.scaled_dot_product_attention(
-        q, k, v, normalizer="entmax", alpha=alpha, scale=scale, causal_offset=off,
-        length_scale=s, enable_gqa=Hq != Hkv, backend="reference",
+        *base_args[:3], normalizer="entmax", alpha=alpha, scale=scale, causal_offset=off,
+        length_scale=base_args[3], enable_gqa=Hq != Hkv, backend="reference",
     )
     assert out.dtype == dtype and out.shape == (B, Hq, Nq, Dv)
-    err, err_base = rel_err(out.cpu(), ref), rel_err(base.cpu(), ref)
-    assert err <= 2 * err_base + ATOL[dtype], f"kernel {err:.2e} vs reference backend {err_base:.2e}"
+    check_rule(out.detach().cpu(), base.detach(), ref.detach(), dtype, "out")
+
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = [g.cpu() for g in grads(out, tensors(args), do.to(DEVICE, dtype))]
+    g_base = grads(base, tensors(base_args), do.to(dtype))
+    g_ref = grads(ref, tensors(ref_args), do)
+    for name, g, g_b, g_r in zip("qkvs", got, g_base, g_ref):
+        assert g.shape == g_r.shape and g.isfinite().all(), name
+        check_rule(g, g_b, g_r, dtype, f"d{name}")
 
     empty = ~allowed.any(-1)  # (Nq,)
     if empty.any():
-        assert (out[:, :, empty.to(DEVICE)] == 0).all()
+        assert (out[:, :, empty.to(DEVICE)] == 0).all() and (got[0][:, :, empty] == 0).all()
+        _, row_max, tau = kem.entmax_attention_fwd(*args[:3], scale, alpha, off, args[3])
         assert (row_max[:, :, empty.to(DEVICE)] == 0).all()
         assert torch.isinf(tau[:, :, empty.to(DEVICE)]).all()
-    assert not torch.isnan(row_max).any() and not torch.isnan(tau).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -113,16 +153,19 @@ def test_forward_matches_oracle(B, Hq, Hkv, Nq, Nk, D, Dv, off, s_kind, q_scale,
 def test_wide_head_dims_and_strides(alpha, dtype, nan_empty):
     """D = 200, Dv = 136 pad to 256; q, k in (B, N, H, D) storage, v in (B, H, Dv, N)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = 1, 2, 1, 19, 37, 200, 136
-    q = torch.randn(B, Nq, Hq, D).to(DEVICE, dtype).transpose(1, 2)
-    k = torch.randn(B, Nk, Hkv, D).to(DEVICE, dtype).transpose(1, 2)
-    v = torch.randn(B, Hkv, Dv, Nk).to(DEVICE, dtype).transpose(2, 3)
-    out, _, _ = kem.entmax_attention_fwd(q, k, v, D ** -0.5, alpha, 18, None)
-    ref = attention_oracle(q.cpu(), k.cpu(), v.cpu(), normalizer="entmax", alpha=alpha,
-                           attn_mask=allowed_keys(Nq, Nk, 18))
-    base = longattn.scaled_dot_product_attention(q, k, v, normalizer="entmax", alpha=alpha, causal_offset=18,
+    q = torch.randn(B, Nq, Hq, D).to(DEVICE, dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Nk, Hkv, D).to(DEVICE, dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, Hkv, Dv, Nk).to(DEVICE, dtype).transpose(2, 3).requires_grad_()
+    out = kem.entmax_attention(q, k, v, alpha=alpha, causal_offset=18)
+    base_args, ref_args = leaves([q, k, v]), leaves([q, k, v], torch.float64)
+    ref = attention_oracle(*ref_args, normalizer="entmax", alpha=alpha, attn_mask=allowed_keys(Nq, Nk, 18))
+    base = longattn.scaled_dot_product_attention(*base_args, normalizer="entmax", alpha=alpha, causal_offset=18,
                                                  enable_gqa=True, backend="reference")
-    err, err_base = rel_err(out.cpu(), ref), rel_err(base.cpu(), ref)
-    assert err <= 2 * err_base + ATOL[dtype], f"kernel {err:.2e} vs reference backend {err_base:.2e}"
+    check_rule(out.detach().cpu(), base.detach(), ref.detach(), dtype, "out")
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = grads(out, (q, k, v), do.to(DEVICE, dtype))
+    for name, g, g_b, g_r in zip("qkv", got, grads(base, base_args, do.to(dtype)), grads(ref, ref_args, do)):
+        check_rule(g.cpu(), g_b, g_r, dtype, f"d{name}")
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -158,16 +201,94 @@ def test_newton_converges_in_few_passes(alpha):
     assert torch.equal(tau, tau_6)
 
 
-def test_entry_defaults_and_refuses_grad():
+def test_entry_defaults():
+    """scale defaults to D ** -0.5; is_causal is causal_offset 0; bad alpha is refused."""
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 12, 16), torch.randn(1, 1, 12, 16)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    out = kem.entmax_attention_forward(q, k, v, alpha=1.5, is_causal=True)
+    out = kem.entmax_attention(q, k, v, alpha=1.5, is_causal=True)
     expected, _, _ = kem.entmax_attention_fwd(q, k, v, 16 ** -0.5, 1.5, 0)
     assert torch.equal(out, expected)
-    q.requires_grad_()
-    with pytest.raises(NotImplementedError, match="no backward"):
-        kem.entmax_attention_forward(q, k, v)
-    with torch.no_grad():  # taken as constants
-        assert torch.equal(kem.entmax_attention_forward(q, k, v, alpha=1.5, is_causal=True), expected)
-    with pytest.raises(ValueError, match="alpha"):
-        kem.entmax_attention_forward(q.detach(), k, v, alpha=1.0)
+    for alpha in (1.0, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            kem.entmax_attention(q, k, v, alpha=alpha)
+
+
+def test_no_keys_or_no_queries():
+    """Nk = 0 gives 0 and zero gradients; Nq = 0 gives an empty output and dk = dv = 0."""
+    for n_q, n_k in ((5, 0), (0, 7)):
+        q = torch.randn(1, 2, n_q, 16, device=DEVICE, requires_grad=True)
+        k = torch.randn(1, 2, n_k, 16, device=DEVICE, requires_grad=True)
+        v = torch.randn(1, 2, n_k, 8, device=DEVICE, requires_grad=True)
+        out = kem.entmax_attention(q, k, v, alpha=1.25)
+        assert out.shape == (1, 2, n_q, 8) and (out == 0).all()
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+def test_huge_logits_stay_finite(nan_empty):
+    """Logits around 1e4 (q scaled 3e3): the row max is subtracted before the threshold, so the
+    output and every gradient are finite, and the output is as close to the oracle as the other
+    backends' (`test_edge_cases.py`, 1e-4). dV = P^T dO is held to the fp32 spacing of the
+    logits: the backward recomputes `x` (about 2500 in entmax units, spacing 2.4e-4) in another
+    summation order, and `p = d ** (1 / (alpha - 1))` of the one key in each support moves with
+    it, as exp(x - lse) does in any recomputing softmax backward. dQ and dK are exactly 0 here
+    (one key per support), so only their finiteness is asserted."""
+    q = (3e3 * torch.randn(1, 2, 9, 16)).to(DEVICE).requires_grad_()
+    k, v = torch.randn(1, 2, 21, 16).to(DEVICE).requires_grad_(), torch.randn(1, 2, 21, 16).to(DEVICE).requires_grad_()
+    for alpha in (1.25, 1.5, 2.0):
+        out = kem.entmax_attention(q, k, v, alpha=alpha)
+        ref_args = leaves([q, k, v], torch.float64)
+        ref = attention_oracle(*ref_args, normalizer="entmax", alpha=alpha)
+        assert rel_err(out.detach().cpu(), ref.detach()) < 1e-4
+        do = torch.randn(ref.shape, dtype=torch.float64)
+        dq, dk, dv = grads(out, (q, k, v), do.float().to(DEVICE))
+        assert dq.isfinite().all() and dk.isfinite().all()
+        x_max = (alpha - 1) * (q.detach() @ k.detach().transpose(-1, -2)).abs().max().item() / 4
+        spacing = torch.finfo(torch.float32).eps * 2.0 ** math.ceil(math.log2(x_max))
+        assert rel_err(dv.cpu(), grads(ref, ref_args[2:], do)[0]) < 4 * spacing / (alpha - 1)
+
+
+def test_custom_ops_opcheck():
+    q, k, v = torch.randn(1, 4, 13, 16), torch.randn(1, 2, 19, 16), torch.randn(1, 2, 19, 8)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    s = (0.5 + torch.rand(4)).to(DEVICE)
+    for alpha in (1.5, 1.3):
+        torch.library.opcheck(torch.ops.longattn.entmax_attention_fwd, (q, k, v, 0.25, alpha, 3, s))
+        out, row_max, tau = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, 3, s)
+        args = (torch.randn_like(out), q, k, v, row_max, tau, 0.25, alpha, 3, s)
+        torch.library.opcheck(torch.ops.longattn.entmax_attention_bwd, args)
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile traces the public function into the kernels, forward and backward, with no
+    graph break; alpha travels as an argument of the ops."""
+    q = torch.randn(1, 4, 17, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 23, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 2, 23, 16, device=DEVICE, requires_grad=True)
+    s = (0.5 + torch.rand(4, device=DEVICE)).requires_grad_()
+
+    def attend(q, k, v, s):
+        return longattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, normalizer="entmax",
+                                                     alpha=1.25, length_scale=s, backend="triton")
+
+    compiled = torch.compile(attend, fullgraph=True)
+    results = [fn(q, k, v, s) for fn in (compiled, attend)]
+    torch.testing.assert_close(results[0], results[1])
+    do = torch.randn_like(results[1])
+    got, expected = (torch.autograd.grad(r, (q, k, v, s), do) for r in results)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("normalizer,alpha", [("sparsemax", 1.5), ("entmax", 1.5), ("entmax", 1.7)])
+def test_dispatch_through_the_public_function(normalizer, alpha):
+    """backend="triton" reaches the kernels (sparsemax as alpha 2) with the same values as the
+    kernel entry; a mask or dropout is refused with the reason."""
+    q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    out = longattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, normalizer=normalizer,
+                                                alpha=alpha, backend="triton")
+    direct = kem.entmax_attention(q, k, v, alpha=2.0 if normalizer == "sparsemax" else alpha, is_causal=True)
+    assert torch.equal(out, direct)
+    with pytest.raises(ValueError, match="backend='triton'.*attn_mask"):
+        longattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(11, 11, dtype=torch.bool),
+                                              enable_gqa=True, normalizer=normalizer, backend="triton")

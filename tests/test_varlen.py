@@ -1,6 +1,7 @@
 """`longattn.varlen_attention` (packed documents, flash-attn's varlen layout) against the dense
 function applied to each document: the output and every gradient, on the per-document loop
-(all normalizers) and on the Triton kernels' varlen mode (softmax, SSMax), plus bad inputs.
+(all normalizers) and on the Triton kernels' varlen mode (softmax, SSMax, sparsemax, entmax),
+plus bad inputs.
 
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1 is set in conftest.py).
 """
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import longattn
+from longattn.kernels import entmax as kem
 from longattn.kernels import softmax as ksm
 from conftest import INTERPRET, KERNEL_ATOL, KERNEL_DEVICE
 from oracles import attention_oracle, grads, rel_err
@@ -224,16 +226,49 @@ def test_triton_ssmax_default_scale_and_hints():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+ENTMAX_CASES = [  # (query doc lengths, key doc lengths, Hq, Hkv, D, Dv, causal, length scale, alpha)
+    pytest.param(ODD, ODD, 4, 2, 32, 32, True, "tensor", 1.5, id="odd-H4-2-D32-causal-scaled-a1.5"),
+    pytest.param(ODD, CROSS_K, 2, 1, 40, 24, True, None, 2.0, id="cross-H2-1-D40-24-causal-sparsemax"),
+    pytest.param(ODD, CROSS_K, 3, 1, 16, 16, False, "tensor", 1.25, id="cross-H3-1-D16-scaled-a1.25"),
+    pytest.param([70, 2, 65], [64, 1, 97], 2, 2, 64, 64, True, None, 1.25, id="blocks-H2-D64-causal-a1.25"),
+]
+
+
 @needs_triton
-def test_triton_rejects_other_normalizers_and_auto_falls_back():
-    q, k, v, _ = make_inputs([3, 4], [3, 4], 2, 2, 8, 8, torch.float32, None)
-    c = cu([3, 4])
-    for normalizer in ("sparsemax", "entmax"):
-        with pytest.raises(ValueError, match=normalizer):
-            longattn.varlen_attention(q, k, v, c, c, normalizer=normalizer, backend="triton")
-        auto = longattn.varlen_attention(q, k, v, c, c, normalizer=normalizer)
-        ref = longattn.varlen_attention(q, k, v, c, c, normalizer=normalizer, backend="reference")
-        torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-6)
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("lq,lk,Hq,Hkv,D,Dv,causal,s_kind,alpha", ENTMAX_CASES)
+def test_triton_entmax_matches_per_document_reference(lq, lk, Hq, Hkv, D, Dv, causal, s_kind, alpha, dtype):
+    """The entmax kernels' varlen mode: against the float64 oracle (the `entmax` package) per
+    document, with the reference backend in the same dtype as the baseline of the error rule,
+    and equal up to summation order to the dense kernels run on each document."""
+    args = make_inputs(lq, lk, Hq, Hkv, D, Dv, dtype, s_kind)  # q, k, v, s
+    base_args, ref_args = cpu_leaves(args), cpu_leaves(args, torch.float64)
+    out = longattn.varlen_attention(*args[:3], cu(lq), cu(lk), is_causal=causal, normalizer="entmax", alpha=alpha,
+                                    length_scale=args[3], backend="triton")
+    ref = oracle_per_document(*ref_args[:3], lq, lk, normalizer="entmax", alpha=alpha, is_causal=causal,
+                              length_scale=ref_args[3])
+    base = longattn.varlen_attention(*base_args[:3], cu(lq, "cpu"), cu(lk, "cpu"), is_causal=causal,
+                                     normalizer="entmax", alpha=alpha, length_scale=base_args[3],
+                                     backend="reference")
+    assert out.shape == ref.shape == (sum(lq), Hq, Dv) and out.dtype == dtype
+    check_rule(out.detach().cpu(), base.detach(), ref.detach(), dtype, "out")
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = [g.cpu() for g in grads(out, tensors(args), do.to(DEVICE, dtype))]
+    g_base = grads(base, tensors(base_args), do.to(dtype))
+    for name, g, g_b, g_r in zip("qkvs", got, g_base, grads(ref, tensors(ref_args), do)):
+        assert g.shape == g_r.shape and g.isfinite().all(), name
+        check_rule(g, g_b, g_r, dtype, f"d{name}")
+
+    dense_args = [t.detach().requires_grad_() if torch.is_tensor(t) else t for t in args]
+    dense = per_document(
+        lambda q, k, v: kem.entmax_attention(q, k, v, alpha=alpha, is_causal=causal, length_scale=dense_args[3]),
+        *dense_args[:3], lq, lk,
+    )
+    torch.testing.assert_close(out.detach().cpu(), dense.detach().cpu(), rtol=1e-6, atol=1e-6)
+    g_dense = [g.cpu() for g in grads(dense, tensors(dense_args), do.to(DEVICE, dtype))]
+    for name, g, g_d in zip("qkvs", got, g_dense):
+        torch.testing.assert_close(g, g_d, rtol=1e-5, atol=1e-5, msg=f"d{name} vs the dense kernels")
 
 
 @needs_triton
@@ -251,6 +286,12 @@ def test_varlen_ops_opcheck_and_compile():
     bwd_args = (torch.randn_like(out), *fwd_args[:3], out, lse, 0.25, 0, sd, torch.randn_like(lse),
                 cq, ck, 17, 9)
     torch.library.opcheck(torch.ops.longattn.softmax_attention_bwd, bwd_args)
+    entmax_args = (*fwd_args[:4], 1.5, *fwd_args[4:])
+    torch.library.opcheck(torch.ops.longattn.entmax_attention_fwd, entmax_args)
+    out, row_max, tau = kem.entmax_attention_fwd(*entmax_args)
+    assert out.shape == (20, 4, 8) and row_max.shape == tau.shape == (4, 20)
+    torch.library.opcheck(torch.ops.longattn.entmax_attention_bwd,
+                          (torch.randn_like(out), *fwd_args[:3], row_max, tau, 0.25, 1.5, 0, sd, cq, ck, 17, 9))
 
     def attend(q, k, v, s):
         return ksm.softmax_varlen_attention(q, k, v, cq, ck, 17, 9, is_causal=True, length_scale=s,
