@@ -33,6 +33,15 @@ def tile_config(d_pad: int, dtype: torch.dtype, backward: bool = False) -> tuple
     return 32, 32, 8, 2
 
 
+def device_capability(device: torch.device) -> int | None:
+    """The CUDA compute capability as one number (80 for sm_80), None off CUDA (the interpreter):
+    for the few tile choices that differ between GPU generations."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots (torch's default); tf32 would err ~1e-3."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, load_tile, padded_dim, store_tile, tile_config
+from .common import device_capability, dot_precision, load_tile, padded_dim, store_tile, tile_config
 from .softmax import (
     _allowed, _causal_args, _check_inputs, _doc_span, _key_end, _length_scale_vector, _row_scales,
     _shapes, _strides,
@@ -594,12 +594,20 @@ def entmax_attention_bwd(
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Before Hopper, dK/dV holds 32 keys rather than 64 at D <= 64 in 16 bits: with 64, ptxas
+    # spilled 8-16 bytes on sm_80 for every alpha (u and the support test keep more alive than
+    # softmax's p). sm_90 keeps 64, which its warpgroup MMA needs and which builds without spills
+    # there (tests/test_kernel_builds.py checks both).
+    keys_held = BLOCK_HELD
+    capability = device_capability(q.device)
+    if capability is not None and capability < 90 and q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64:
+        keys_held = 32
     if B * Hkv * grid_nk > 0:
-        entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, BLOCK_HELD), B * Hkv)](
+        entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
             q, k, v, do, row_max, tau, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
             *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars,
-            BLOCK_M=BLOCK_STREAMED, BLOCK_N=BLOCK_HELD, **common,
+            BLOCK_M=BLOCK_STREAMED, BLOCK_N=keys_held, **common,
         )
     if s is None:
         return dq, dk, dv, None

@@ -1,9 +1,11 @@
-"""Every configuration the softmax launchers can pick, compiled ahead of time for sm_80 and sm_90
-without a GPU: the build succeeds, nothing spills to local memory, shared memory fits the chip,
-and on sm_90 the kernels with matrix products use `wgmma`.
+"""The configurations the launchers of both kernel families pick (softmax / SSMax and sparsemax /
+entmax), compiled ahead of time for sm_80 and sm_90 without a GPU: the build succeeds, nothing
+spills to local memory, shared memory fits the chip, and on sm_90 the kernels with matrix
+products use `wgmma`.
 
-The launches are not hard-coded. The public launchers (`softmax_attention_fwd` / `_bwd`) run on
-small CPU tensors with each kernel's launch replaced by a recorder, so whatever arguments,
+The launches are not hard-coded. The public launchers (`softmax_attention_fwd` / `_bwd`,
+`entmax_attention_fwd` / `_bwd`) run on small CPU tensors, told which GPU generation they serve
+(`device_capability`), with each kernel's launch replaced by a recorder, so whatever arguments,
 constexpr switches, heuristics and `num_warps` / `num_stages` they pass today are what gets
 built. Each recorded argument is specialised as Triton's JIT does at a real launch (see
 `_specialise`), then compiled by `triton.compile` in worker processes that import the kernels
@@ -73,11 +75,14 @@ def _describe(value, dtype_name):
     return value
 
 
-def record_launches(module, call, dtype_names):
-    """Runs `call()` with every kernel launch of `module` recorded instead of run. Returns one
-    build description per launch and dtype: `(kernel name, {arg: value}, launch options)`."""
+def record_launches(module, call, dtype_names, capability):
+    """Runs `call()` with every kernel launch of `module` recorded instead of run, the launchers
+    told they run on `sm_<capability>`. Returns one build description per launch and dtype:
+    `(kernel name, {arg: value}, launch options)`."""
     launches = []
     with pytest.MonkeyPatch.context() as mp:
+        if hasattr(module, "device_capability"):
+            mp.setattr(module, "device_capability", lambda device: capability)
         for name, (_, inner) in _kernels(module).items():
             def run(*args, grid, warmup, _name=name, _inner=inner, **kwargs):
                 launches.append((_name, args, kwargs))
@@ -125,13 +130,19 @@ def _run_tool(tool, *args):
                           check=True).stdout
 
 
-def build(name, bound, options, capability):
+def _module(family):
+    import importlib
+
+    return importlib.import_module(f"longattn.kernels.{family}")
+
+
+def build(family, name, bound, options, capability):
     """Compiles one launch for `sm_<capability>`; returns its resource usage."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from longattn.kernels import softmax as module
+    module = _module(family)
 
     target = GPUTarget("cuda", capability, 32)
     jit_fn = _kernels(module)[name][1]
@@ -174,28 +185,41 @@ def build(name, bound, options, capability):
 
 
 def _cases():
-    """`(D, N, causal, length scaling, dtypes)` of each launcher run: the dispatcher's choices
-    (tile_config, the heuristics' EVEN_* flags) follow from these. Even lengths cover the whole
-    grid; the uneven length (the masked loads and the key-bound mask) runs in fp16 only and
-    without length scaling, to keep the file near a minute on 2 cores: the dtype changes no
-    instruction but the conversions, and length scaling is covered at even lengths."""
+    """`(family, D, N, causal, length scaling, alpha, dtypes)` of each launcher run: the
+    dispatcher's choices (tile_config, the heuristics' EVEN_* and ALPHA_* flags) follow from
+    these. For softmax, even lengths cover the whole grid; the uneven length (the masked loads
+    and the key-bound mask) runs in fp16 only and without length scaling: the dtype changes no
+    instruction but the conversions, and length scaling is covered at even lengths. The entmax
+    kernels have three variants (sparsemax, alpha 1.5, a pow for other alpha), so each
+    variant gets a subset of the switches, covering each switch at least once per head dim, to
+    keep the file near two minutes on 2 cores."""
     for d in HEAD_DIMS:
         for causal in (False, True):
             for scaled in (False, True):
-                yield d, LENGTHS["even"], causal, scaled, ["fp16", "bf16"]
-            yield d, LENGTHS["uneven"], causal, False, ["fp16"]
+                yield "softmax", d, LENGTHS["even"], causal, scaled, None, ["fp16", "bf16"]
+            yield "softmax", d, LENGTHS["uneven"], causal, False, None, ["fp16"]
+        yield "entmax", d, LENGTHS["even"], False, False, 2.0, ["fp16", "bf16"]
+        yield "entmax", d, LENGTHS["even"], True, True, 1.5, ["fp16"]
+        yield "entmax", d, LENGTHS["even"], True, False, 1.25, ["bf16"]
+        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
 
 
-def _launcher_call(module, d, n, causal, scaled):
+def _launcher_call(family, d, n, causal, scaled, alpha):
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
     runtime value rather than the constexpr 1 that Hq == Hkv gives."""
+    module = _module(family)
+
     def call():
         q = torch.zeros(1, 2, n, d, dtype=torch.float16)
         kv = torch.zeros(1, 1, n, d, dtype=torch.float16)
         s = torch.full((2,), 0.43) if scaled else None
         offset = 0 if causal else None
-        out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s)
-        module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s)
+        if family == "softmax":
+            out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s)
+            module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s)
+        else:
+            out, row_max, tau = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s)
+            module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, d ** -0.5, alpha, offset, s)
     return call
 
 
@@ -208,17 +232,17 @@ def builds(tmp_path_factory):
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as e:
         pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
-    from longattn.kernels import softmax as module
-
     launches = []
-    for d, n, causal, scaled, dtype_names in _cases():
-        launches += record_launches(module, _launcher_call(module, d, n, causal, scaled), dtype_names)
+    for sm in SHARED_LIMIT:
+        for family, d, n, causal, scaled, alpha, dtype_names in _cases():
+            call = _launcher_call(family, d, n, causal, scaled, alpha)
+            launches += [(family, *b, sm) for b in record_launches(_module(family), call, dtype_names, sm)]
     unique = {}
-    for name, bound, options in launches:  # e.g. the preprocess kernel ignores causal and scaling
+    for family, name, bound, options, sm in launches:  # e.g. softmax's preprocess ignores causal, scaling
         key = (name, repr(sorted((k, vars(v) if isinstance(v, _Pointer) else v) for k, v in bound.items())),
-               repr(sorted(options.items())))
-        unique.setdefault(key, (name, bound, options))
-    jobs = [(*job, sm) for job in unique.values() for sm in SHARED_LIMIT]
+               repr(sorted(options.items())), sm)
+        unique.setdefault(key, (family, name, bound, options, sm))
+    jobs = list(unique.values())
     # Spawned workers inherit the environment: the kernels (and triton's own library functions,
     # jitted when triton is imported) must be compiled, not interpreted; the cache starts empty,
     # so every run really compiles.
@@ -235,7 +259,7 @@ def builds(tmp_path_factory):
                 try:
                     results.append(future.result())
                 except Exception as e:  # reported together below, with the configuration
-                    failures.append(f"{job[0]} sm_{job[3]} {job[2]}: {e!r}")
+                    failures.append(f"{job[1]} sm_{job[4]} {job[3]}: {e!r}")
     shutil.rmtree(cache_dir, ignore_errors=True)
     _print_table(results)
     assert not failures, "builds failed:\n" + "\n".join(failures)
@@ -257,10 +281,8 @@ def _summary(rows):
 
 
 def test_every_launched_kernel_was_built(builds):
-    from longattn.kernels import softmax as module
-
     launched = {r["kernel"] for r in builds}
-    jitted = {name for name, (_, inner) in _kernels(module).items()
+    jitted = {name for family in ("softmax", "entmax") for name, (_, inner) in _kernels(_module(family)).items()
               if "tl.program_id" in inspect.getsource(inner.fn)}
     assert launched == jitted, f"kernels never launched by the launchers: {jitted - launched}"
     assert {r["sm"] for r in builds} == set(SHARED_LIMIT)
@@ -281,7 +303,7 @@ def test_shared_memory_fits_the_chip(builds):
 def test_sm90_matrix_products_use_wgmma(builds):
     """Every kernel with a `tl.dot` gets Hopper's warpgroup MMA on sm_90 (64-row tiles, 4 or 8
     warps, fp16/bf16 operands all qualify), and no dot falls back to Ampere's `mma.sync`.
-    The bwd preprocess kernel has no matrix product."""
+    Softmax's bwd preprocess kernel has no matrix product."""
     sm90 = [r for r in builds if r["sm"] == 90 and r["has_dot"]]
     assert sm90
     missing = [r for r in sm90 if not (r["wgmma_ptx"] and r["hgmma_sass"]) or r["mma_sync_ptx"]]
