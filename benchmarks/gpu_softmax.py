@@ -62,14 +62,15 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def run_with_grads(sdpa, q, k, v, s, dout, causal, backend):
-    """Output and the gradients of q, k, v (and s) under `backend`, on leaf copies of the inputs."""
+def run_with_grads(sdpa, q, k, v, s, dout, causal, backend, **normalizer):
+    """Output and the gradients of q, k, v (and s) under `backend`, on leaf copies of the inputs;
+    `normalizer` holds extra keywords (normalizer=, alpha=)."""
     import torch
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     s_leaf = s.detach().clone().requires_grad_() if torch.is_tensor(s) else s
     out = sdpa(*leaves, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1], length_scale=s_leaf,
-               backend=backend)
+               backend=backend, **normalizer)
     wrt = leaves + ([s_leaf] if torch.is_tensor(s_leaf) else [])
     grads = torch.autograd.grad(out, wrt, dout.to(out.dtype))
     return [out.detach(), *grads]
