@@ -177,6 +177,10 @@ def entmax_attention_fwd_kernel(
 
     # Newton passes on G(t) = ||[x - m - t]_+||_p = 1 from t = -1: t += (mass - mass^(1-1/p)) / slope,
     # mass = sum d^p, slope = sum d^(p-1). Every step stays left of the root, so d only shrinks.
+    # The root lies in [-1, -n^(1-alpha)] (the largest term is at most 1, the n terms sum to 1):
+    # each step is clamped into it, a safeguard against rounding that costs no pass.
+    n_keys = tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 1).to(tl.float32)
+    t_high = -tl.exp2(tl.log2(n_keys) * (1.0 - alpha))
     t = tl.full([BLOCK_M], -1.0, dtype=tl.float32)
     step_max = tl.full([], TOL + 1.0, dtype=tl.float32)  # tensors: loop-carried values keep one type
     n_steps = tl.full([], 0, dtype=tl.int32)
@@ -199,7 +203,9 @@ def entmax_attention_fwd_kernel(
         else:
             root = _pow(mass, 1.0 - 1.0 / p)
         delta = tl.where(slope > 0, (mass - root) / tl.where(slope > 0, slope, 1.0), 0.0)
-        t += delta
+        t_next = tl.minimum(tl.maximum(t + delta, -1.0), t_high)
+        delta = t_next - t
+        t = t_next
         step_max = tl.max(tl.abs(delta), 0)  # a NaN row never holds the loop
         n_steps += 1
 
