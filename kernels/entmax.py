@@ -20,7 +20,9 @@ algorithm that of `attention/chunked.py` (`entmax_threshold`), tile by tile::
 Forward: one program holds a block of query rows and streams the key tiles through it several
 times, recomputing `q . k` on each pass and never storing scores: one pass for the row max,
 Newton passes for tau (below), for alpha = 1.5 one pass for the exact finish, and one for the
-output, which skips key tiles whose weights are all zero. `m` and `tau` are saved per row.
+output. `m` and `tau` are saved per row, and an int8 flag per (query block, key tile): the
+Newton iterates only rise, so a tile whose weights are all zero at one iterate stays so; its
+flag is cleared and every later pass, the backward's included, skips it without loading K.
 
 Backward (the entmax Jacobian, Peters et al. 2019): with `u_ij = p_ij ** (2 - alpha)` on the
 support (the indicator for sparsemax, `d` for alpha = 1.5, `p / d` in general, `d` the clamped
@@ -31,7 +33,7 @@ base) and `dP = dO V^T`,
 
 as FlashAttention-2's backward with `p (dp - delta)` replaced: a preprocess pass for delta (a
 key loop, since `sum_j u_ij v_j` is not the output), then dK/dV and dQ programs that recompute
-`d` from the saved `m`, `tau`, and skip the tiles where it is zero.
+`d` from the saved `m`, `tau`, over the flagged tiles only.
 
 Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): as in
 `kernels/softmax.py`, each program reads its document's offsets and lengths from cu_seqlens.
@@ -116,12 +118,12 @@ def _load_row_stats(row_max, tau, offs_m, mask_m):
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def entmax_attention_fwd_kernel(
-    q, k, v, o, row_max, tau, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_STEPS: tl.constexpr, TOL: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
@@ -163,6 +165,7 @@ def entmax_attention_fwd_kernel(
     x_scale = f_scale * (alpha - 1.0)  # [BM], logits in entmax units
     p = 1.0 / (alpha - 1.0)  # the weights are d ** p
     key_end = _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M)
+    flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # this block's row of flags
 
     # Pass 1: the row max.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -172,30 +175,37 @@ def entmax_attention_fwd_kernel(
                          IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
         m_i = tl.maximum(m_i, tl.max(x, 1))
         k_n += BLOCK_N * stride_kn
-    empty = m_i == float("-inf")  # no key: weight 0 everywhere
-    m_i = tl.where(empty, 0.0, m_i)
 
     # Newton passes on G(t) = ||[x - m - t]_+||_p = 1 from t = -1: t += (mass - mass^(1-1/p)) / slope,
     # mass = sum d^p, slope = sum d^(p-1). Every step stays left of the root, so d only shrinks.
     # The root lies in [-1, -n^(1-alpha)] (the largest term is at most 1, the n terms sum to 1):
     # each step is clamped into it, a safeguard against rounding that costs no pass.
+    # Rows past Nq (padding) and rows without keys start at t = +inf and stay there: all their
+    # d are 0, so they flag no tile.
     n_keys = tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 1).to(tl.float32)
     t_high = -tl.exp2(tl.log2(n_keys) * (1.0 - alpha))
-    t = tl.full([BLOCK_M], -1.0, dtype=tl.float32)
+    active = mask_m & (m_i > float("-inf"))
+    m_i = tl.where(m_i > float("-inf"), m_i, 0.0)  # a row with no key: saved as 0 (and tau +inf)
+    t = tl.where(active, -1.0, float("inf"))
     step_max = tl.full([], TOL + 1.0, dtype=tl.float32)  # tensors: loop-carried values keep one type
     n_steps = tl.full([], 0, dtype=tl.int32)
+    # A key tile whose weights are all zero at some iterate stays so (t only rises): its flag is
+    # cleared, and later passes skip it without loading K. The first pass visits every tile.
     while (step_max > TOL) & (n_steps < MAX_STEPS):
         mass = tl.zeros([BLOCK_M], dtype=tl.float32)
         slope = tl.zeros([BLOCK_M], dtype=tl.float32)
         k_n = k
         for start_n in range(0, key_end, BLOCK_N):
-            x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                             IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
-            d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # masked keys: -inf -> 0
-            u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
-            mass += tl.sum(u * d, 1)
-            slope += tl.sum(u, 1)
+            if (n_steps == 0) | (tl.load(flags + start_n // BLOCK_N) != 0):
+                x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
+                                 IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # masked keys: -inf -> 0
+                u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
+                mass += tl.sum(u * d, 1)
+                slope += tl.sum(u, 1)
+                tl.store(flags + start_n // BLOCK_N, (tl.max(tl.max(d, 1), 0) > 0).to(tl.int8))
             k_n += BLOCK_N * stride_kn
+        tl.debug_barrier()  # this pass's flags are read by other threads of the program in the next
         if ALPHA_IS_2:
             root = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         elif ALPHA_IS_1_5:
@@ -203,8 +213,8 @@ def entmax_attention_fwd_kernel(
         else:
             root = _pow(mass, 1.0 - 1.0 / p)
         delta = tl.where(slope > 0, (mass - root) / tl.where(slope > 0, slope, 1.0), 0.0)
-        t_next = tl.minimum(tl.maximum(t + delta, -1.0), t_high)
-        delta = t_next - t
+        t_next = tl.where(active, tl.minimum(tl.maximum(t + delta, -1.0), t_high), t)
+        delta = tl.where(active, t_next - t, 0.0)
         t = t_next
         step_max = tl.max(tl.abs(delta), 0)  # a NaN row never holds the loop
         n_steps += 1
@@ -215,31 +225,36 @@ def entmax_attention_fwd_kernel(
         size = tl.zeros([BLOCK_M], dtype=tl.float32)
         k_n = k
         for start_n in range(0, key_end, BLOCK_N):
-            x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                             IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
-            d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)
-            s1 += tl.sum(d, 1)
-            s2 += tl.sum(d * d, 1)
-            size += tl.sum((d > 0).to(tl.float32), 1)
+            if tl.load(flags + start_n // BLOCK_N) != 0:
+                x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
+                                 IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)
+                s1 += tl.sum(d, 1)
+                s2 += tl.sum(d * d, 1)
+                size += tl.sum((d > 0).to(tl.float32), 1)
             k_n += BLOCK_N * stride_kn
         size_safe = tl.where(size > 0, size, 1.0)
         t += tl.where(size > 0, (s1 - tl.sqrt(tl.maximum(s1 * s1 - size * (s2 - 1.0), 0.0))) / size_safe, 0.0)
-    t = tl.where(empty, float("inf"), t)
 
-    # Output pass: acc = sum_j d_j^p v_j, l = sum_j d_j^p; key tiles with no weight are skipped.
+    # Output pass: acc = sum_j d_j^p v_j, l = sum_j d_j^p, over the tiles still flagged. The flags
+    # left for the backward mark exactly the tiles with a non-zero weight at the final tau.
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_n, v_n = k, v
     for start_n in range(0, key_end, BLOCK_N):
-        x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                         IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
-        d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # empty rows: t = +inf -> 0
-        if tl.max(tl.max(d, 1), 0) > 0:
-            w = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5) * d
-            b_v = load_tile(v_n + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
-            l_i += tl.sum(w, 1)
-            # [BM, BDV] += [BM, BN] @ [BN, BDV]
-            acc += tl.dot(w.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        if tl.load(flags + start_n // BLOCK_N) != 0:
+            x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
+                             IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+            d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # empty rows: t = +inf -> 0
+            live = tl.max(tl.max(d, 1), 0) > 0
+            if live:
+                w = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5) * d
+                b_v = load_tile(v_n + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
+                l_i += tl.sum(w, 1)
+                # [BM, BDV] += [BM, BN] @ [BN, BDV]
+                acc += tl.dot(w.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+            else:
+                tl.store(flags + start_n // BLOCK_N, tl.zeros([], dtype=tl.int8))
         k_n += BLOCK_N * stride_kn
         v_n += BLOCK_N * stride_vn
 
@@ -253,19 +268,19 @@ def entmax_attention_fwd_kernel(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_preprocess_kernel(
-    q, k, v, do, row_max, tau, delta, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij, a pass over the row block's key tiles
-    (the zero ones skipped). Rows with no support (no key) get 0."""
+    """delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij, a pass over the row block's flagged key
+    tiles (the forward's tiles: same blocks). Rows with no support (no key) get 0."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // Hq, i_bh % Hq
     i_hkv = i_h // GROUP
@@ -299,14 +314,15 @@ def entmax_attention_bwd_preprocess_kernel(
     x_scale = f_scale * (alpha - 1.0)
     p = 1.0 / (alpha - 1.0)
     m_i, t_i = _load_row_stats(row_max + row, tau + row, offs_m, mask_m)
+    flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks
 
     uv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     u_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
-        x = _tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                         IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
-        d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
-        if tl.max(tl.max(d, 1), 0) > 0:
+        if tl.load(flags + start_n // BLOCK_N) != 0:
+            x = _tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
+                             IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+            d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
             u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
             b_v = load_tile(v + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
             u_sum += tl.sum(u, 1)
@@ -329,22 +345,24 @@ def entmax_attention_bwd_preprocess_kernel(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dkdv(
-    q, k, v, do, row_max, tau, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset,
+    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FLAG_BLOCK_M: tl.constexpr, FLAG_BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
-    program: deterministic, no atomics. Works on transposed tiles, [BN, BM]; query blocks where
-    the key block has no weight cost one `k . q` product and are skipped after it."""
+    program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
+    is skipped when the forward's flags of the tiles that cover it (FLAG_BLOCK_M rows, FLAG_BLOCK_N
+    keys) are all clear."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bh // Hkv, i_bh % Hkv
     if IS_VARLEN:  # row stats are (Hq, total_q): row i of head h is h * total_q + bos_q + i
@@ -390,28 +408,35 @@ def entmax_attention_bwd_kernel_dkdv(
             row_h = i_h.to(tl.int64) * stride_row_h + bos_q
         else:
             row_h = (i_b * Hq + i_h).to(tl.int64) * Nq  # row offset into the row stats
+        flags_h = tile_flags + (i_b * Hq + i_h).to(tl.int64) * n_qblocks * n_kblocks
         for m0 in range(start_m, Nq, BLOCK_M):
-            rows = m0 + offs_m
-            mask_m = rows < Nq
-            b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
-            m_i, t_i = _load_row_stats(row_max + row_h, tau + row_h, rows, mask_m)
-            f_scale, _ = _row_scales(s, i_h, rows, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
-            # [BN, BM] = [BN, BD] @ [BD, BM]; rows past Nq have tau = +inf, so d = 0
-            x_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * (f_scale * (alpha - 1.0))[None, :]
-            d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
-            if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
-                d_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, d_t, 0.0)
-            if tl.max(tl.max(d_t, 1), 0) > 0:
-                u_t = _slopes(d_t, p, ALPHA_IS_2, ALPHA_IS_1_5)
-                b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
-                b_delta = tl.load(delta + row_h + rows, mask=mask_m, other=0.0)
-                # [BN, BDV] += [BN, BM] @ [BM, BDV]
-                b_dv += tl.dot((u_t * d_t).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-                # [BN, BM] = [BN, BDV] @ [BDV, BM]
-                dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-                # dz_ij = u_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
-                ds_t = u_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
-                b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
+            flag_row = flags_h + (m0 // FLAG_BLOCK_M) * n_kblocks
+            tile0 = i_n * (BLOCK_N // FLAG_BLOCK_N)
+            alive = tl.load(flag_row + tile0) != 0
+            for i_t in tl.static_range(1, BLOCK_N // FLAG_BLOCK_N):
+                alive = alive | (tl.load(flag_row + tile0 + i_t, mask=tile0 + i_t < n_kblocks, other=0) != 0)
+            if alive:
+                rows = m0 + offs_m
+                mask_m = rows < Nq
+                b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
+                m_i, t_i = _load_row_stats(row_max + row_h, tau + row_h, rows, mask_m)
+                f_scale, _ = _row_scales(s, i_h, rows, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+                # [BN, BM] = [BN, BD] @ [BD, BM]; rows past Nq have tau = +inf, so d = 0
+                x_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * (f_scale * (alpha - 1.0))[None, :]
+                d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
+                if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
+                    d_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, d_t, 0.0)
+                if tl.max(tl.max(d_t, 1), 0) > 0:  # the flags cover more rows than this tile
+                    u_t = _slopes(d_t, p, ALPHA_IS_2, ALPHA_IS_1_5)
+                    b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
+                    b_delta = tl.load(delta + row_h + rows, mask=mask_m, other=0.0)
+                    # [BN, BDV] += [BN, BM] @ [BM, BDV]
+                    b_dv += tl.dot((u_t * d_t).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+                    # [BN, BM] = [BN, BDV] @ [BDV, BM]
+                    dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+                    # dz_ij = u_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
+                    ds_t = u_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
+                    b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
             q_h += BLOCK_M * stride_qm
             do_h += BLOCK_M * stride_dom
 
@@ -426,13 +451,13 @@ def entmax_attention_bwd_kernel_dkdv(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dq(
-    q, k, v, do, row_max, tau, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
@@ -479,17 +504,18 @@ def entmax_attention_bwd_kernel_dq(
     f_scale, ln_scale = _row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
     x_scale = f_scale * (alpha - 1.0)
     p = 1.0 / (alpha - 1.0)
+    flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # the forward's blocks
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
     for start_n in range(0, _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
-        mask_n = start_n + offs_n < Nk
-        b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
-        d = tl.maximum((qk * x_scale[:, None] - m_i[:, None]) - t_i[:, None], 0.0)
-        if IS_CAUSAL or not EVEN_N:
-            d = tl.where(_allowed(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), d, 0.0)
-        if tl.max(tl.max(d, 1), 0) > 0:
+        if tl.load(flags + start_n // BLOCK_N) != 0:
+            mask_n = start_n + offs_n < Nk
+            b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
+            qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
+            d = tl.maximum((qk * x_scale[:, None] - m_i[:, None]) - t_i[:, None], 0.0)
+            if IS_CAUSAL or not EVEN_N:
+                d = tl.where(_allowed(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), d, 0.0)
             b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
             dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
             dz = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5) * (dp - b_delta[:, None])
@@ -517,12 +543,27 @@ def _row_stats_like(q: torch.Tensor, Hq: int, Nq: int, B: int, varlen: bool) -> 
     return torch.empty(shape, dtype=torch.float32, device=q.device)
 
 
+def _tile_blocks(D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int]:
+    """`(BLOCK_M, BLOCK_N)` of the forward's tiles, the blocks its tile flags refer to."""
+    return tile_config(max(padded_dim(D), padded_dim(Dv)), dtype)[:2]
+
+
+def _tile_flags_shape(q, v, cu_seqlens_q=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+    """`(B * Hq, query blocks, key tiles)` of the forward's int8 tile flags, 1 where a (query
+    block, key tile) holds a non-zero weight: Nq Nk / 2048 bytes per (batch, head) in 16 bits
+    (64 x 32 tiles), Nq Nk / 1024 in fp32. Varlen: B counts documents, the blocks span the
+    longest one."""
+    B, Hq, _, D, _, _, Dv, grid_nq, grid_nk = _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    BLOCK_M, BLOCK_N = _tile_blocks(D, Dv, q.dtype)
+    return B * Hq, triton.cdiv(grid_nq, BLOCK_M), triton.cdiv(grid_nk, BLOCK_N)
+
+
 def entmax_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alpha: float,
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, max_newton_steps: int = MAX_NEWTON_STEPS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
     j <= i + causal_offset. `length_scale`: None, a float or a `()` / `(Hq,)` tensor.
@@ -530,40 +571,52 @@ def entmax_attention_fwd(
 
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and, for the backward, `row_max` and `tau`
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
-    `[x - row_max - tau]_+ ** (1 / (alpha - 1))`, normalised; a row with no key has 0 and +inf.
+    `[x - row_max - tau]_+ ** (1 / (alpha - 1))`, normalised; a row with no key has 0 and +inf;
+    and the int8 `tile_flags` (`_tile_flags_shape`) of the tiles with a non-zero weight.
     Varlen as in `softmax_attention_fwd`: packed `(total, H, D)` inputs, `out` (total_q, Hq, Dv),
     `row_max` and `tau` (Hq, total_q)."""
+    if max_newton_steps < 1:
+        raise ValueError(f"max_newton_steps must be at least 1; got {max_newton_steps}")
     varlen = cu_seqlens_q is not None
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out_shape = (Nq, Hq, Dv) if varlen else (B, Hq, Nq, Dv)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     row_max, tau = _row_stats_like(q, Hq, Nq, B, varlen), _row_stats_like(q, Hq, Nq, B, varlen)
+    # zeros: tiles no program visits (past a causal block's last key) read as empty
+    flags_shape = _tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    tile_flags = torch.zeros(flags_shape, dtype=torch.int8, device=q.device)
     if B * Hq * grid_nq == 0:
-        return out, row_max, tau
+        return out, row_max, tau, tile_flags
     is_causal, offset = _causal_args(causal_offset, Nq, Nk)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
+    if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
+        # 8 warps capped ptxas at 128 registers here and spilled 8-56 bytes on sm_80 (the tile
+        # flags' branches keep more alive than softmax's loop); 4 warps take 198-208, no spill.
+        num_warps = 4
     entmax_attention_fwd_kernel[(triton.cdiv(grid_nq, BLOCK_M), B * Hq)](
-        q, k, v, out, row_max, tau, _length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
+        q, k, v, out, row_max, tau, tile_flags, _length_scale_vector(length_scale, Hq, q.device),
+        cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset,
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, *flags_shape[1:],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, DOT_PRECISION=dot_precision(q.dtype),
         MAX_STEPS=max_newton_steps, TOL=NEWTON_TOL,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out, row_max, tau
+    return out, row_max, tau, tile_flags
 
 
 def entmax_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    row_max: torch.Tensor, tau: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
+    row_max: torch.Tensor, tau: torch.Tensor, tile_flags: torch.Tensor, scale: float, alpha: float,
+    causal_offset: int | None,
     length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
-    the saved `row_max` and `tau`. Returns `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the
+    the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the
     gradient of the `(Hq,)` length scale in fp32 (None without length scaling). Varlen as in
     `entmax_attention_fwd`, the tensors in its packed layouts."""
     varlen = cu_seqlens_q is not None
@@ -576,6 +629,9 @@ def entmax_attention_bwd(
     BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(
         max(BLOCK_D, BLOCK_DV), q.dtype, backward=True
     )
+    # the row-block programs (delta, dQ) read the flags tile for tile: they need the forward's blocks
+    assert (BLOCK_HELD, BLOCK_STREAMED) == _tile_blocks(D, Dv, q.dtype)
+    flags_args = (tile_flags, *(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]))
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal,
               "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
     scalars = (float(scale), float(alpha), offset)
@@ -587,15 +643,18 @@ def entmax_attention_bwd(
     if B * Hq * grid_nq > 0:
         row_grid = (triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)
         entmax_attention_bwd_preprocess_kernel[row_grid](
-            q, k, v, do, row_max, tau, delta, s, cu_seqlens_q, cu_seqlens_k, *qkv_strides,
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars,
+            q, k, v, do, row_max, tau, tile_flags, delta, s, cu_seqlens_q, cu_seqlens_k, *qkv_strides,
+            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *flags_args[1:],
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
         )
+        # dQ at D <= 64 in 16 bits: 4 warps spilled 8 bytes on sm_80 (uneven lengths, length
+        # scaling); 8 warps take 170 registers and none
+        dq_warps = 8 if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64 else num_warps
         entmax_attention_bwd_kernel_dq[row_grid](
-            q, k, v, do, row_max, tau, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
             *qkv_strides, *_strides(dq, varlen),
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars,
-            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
+            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *flags_args[1:],
+            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **{**common, "num_warps": dq_warps},
         )
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -610,10 +669,11 @@ def entmax_attention_bwd(
         keys_held = 32
     if B * Hkv * grid_nk > 0:
         entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
-            q, k, v, do, row_max, tau, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
             *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen),
-            Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars,
-            BLOCK_M=BLOCK_STREAMED, BLOCK_N=keys_held, **common,
+            Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *flags_args[1:],
+            BLOCK_M=BLOCK_STREAMED, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
+            **common,
         )
     if s is None:
         return dq, dk, dv, None
@@ -630,7 +690,7 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
@@ -644,25 +704,26 @@ def _(q, k, v, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None, cu_
     else:
         B, Hq, Nq, _ = q.shape
         out, stats = q.new_empty(B, Hq, Nq, v.shape[-1]), (B, Hq, Nq)
-    return out, q.new_empty(stats, dtype=torch.float32), q.new_empty(stats, dtype=torch.float32)
+    flags = q.new_empty(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k), dtype=torch.int8)
+    return out, q.new_empty(stats, dtype=torch.float32), q.new_empty(stats, dtype=torch.float32), flags
 
 
 @torch.library.custom_op("longattn::entmax_attention_bwd", mutates_args=())
 def _bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_max: torch.Tensor,
-    tau: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
+    tau: torch.Tensor, tile_flags: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
     length_scale: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds = entmax_attention_bwd(do, q, k, v, row_max, tau, scale, alpha, causal_offset, length_scale,
-                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dq, dk, dv, ds = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset,
+                                          length_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     # A custom op cannot return None: an empty ds stands for "no length scale".
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if ds is None else ds
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, row_max, tau, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
+def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
@@ -680,8 +741,10 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, alpha, causal_offset, length_scale, *varlen):
         s = _length_scale_vector(length_scale, q.shape[1], q.device)
-        out, row_max, tau = torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen)
-        ctx.save_for_backward(q, k, v, row_max, tau, s, *varlen[:2])
+        out, row_max, tau, tile_flags = torch.ops.longattn.entmax_attention_fwd(
+            q, k, v, scale, alpha, causal_offset, s, *varlen
+        )
+        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, *varlen[:2])
         ctx.scale, ctx.alpha, ctx.causal_offset, ctx.max_seqlens = scale, alpha, causal_offset, varlen[2:]
         ctx.length_scale_meta = None
         if torch.is_tensor(length_scale):
@@ -690,9 +753,10 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, row_max, tau, s, *cu_seqlens = ctx.saved_tensors
+        q, k, v, row_max, tau, tile_flags, s, *cu_seqlens = ctx.saved_tensors
         dq, dk, dv, ds = torch.ops.longattn.entmax_attention_bwd(
-            dout, q, k, v, row_max, tau, ctx.scale, ctx.alpha, ctx.causal_offset, s, *cu_seqlens, *ctx.max_seqlens
+            dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
+            *cu_seqlens, *ctx.max_seqlens,
         )
         d_length_scale = None
         if ctx.length_scale_meta is not None and ctx.needs_input_grad[6]:

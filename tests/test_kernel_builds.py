@@ -218,8 +218,8 @@ def _launcher_call(family, d, n, causal, scaled, alpha):
             out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s)
             module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s)
         else:
-            out, row_max, tau = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s)
-            module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, d ** -0.5, alpha, offset, s)
+            out, row_max, tau, flags = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s)
+            module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, flags, d ** -0.5, alpha, offset, s)
     return call
 
 

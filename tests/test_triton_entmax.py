@@ -143,7 +143,7 @@ def test_matches_oracle(B, Hq, Hkv, Nq, Nk, D, Dv, off, s_kind, q_scale, alpha, 
     empty = ~allowed.any(-1)  # (Nq,)
     if empty.any():
         assert (out[:, :, empty.to(DEVICE)] == 0).all() and (got[0][:, :, empty] == 0).all()
-        _, row_max, tau = kem.entmax_attention_fwd(*args[:3], scale, alpha, off, args[3])
+        _, row_max, tau, _ = kem.entmax_attention_fwd(*args[:3], scale, alpha, off, args[3])
         assert (row_max[:, :, empty.to(DEVICE)] == 0).all()
         assert torch.isinf(tau[:, :, empty.to(DEVICE)]).all()
 
@@ -177,7 +177,7 @@ def test_saved_threshold(B, Hq, Hkv, Nq, Nk, D, Dv, off, s_kind, q_scale, alpha,
     threshold of `x - max`, up to fp32 rounding of the logits."""
     q, k, v, s = make_inputs(B, Hq, Hkv, Nq, Nk, D, Dv, torch.float32, s_kind, q_scale)
     scale = D ** -0.5
-    _, row_max, tau = kem.entmax_attention_fwd(q, k, v, scale, alpha, off, s)
+    _, row_max, tau, _ = kem.entmax_attention_fwd(q, k, v, scale, alpha, off, s)
     allowed = allowed_keys(Nq, Nk, off)
     x = entmax_logits(q.cpu(), k.cpu(), scale, alpha, s.cpu() if torch.is_tensor(s) else s, allowed)
     rows = allowed.any(-1)
@@ -196,9 +196,35 @@ def test_newton_converges_in_few_passes(alpha):
     reach the converged fp32 threshold, and the uncapped run equals it."""
     q, k, v = torch.randn(1, 1, 32, 16), torch.randn(1, 1, 256, 16), torch.randn(1, 1, 256, 16)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    _, _, tau = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, None)
-    _, _, tau_6 = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, None, max_newton_steps=6)
+    _, _, tau, _ = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, None)
+    _, _, tau_6, _ = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, None, max_newton_steps=6)
     assert torch.equal(tau, tau_6)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("off", [None, 0], ids=["full", "causal"])
+def test_tile_flags_mark_exactly_the_tiles_with_weight(alpha, off):
+    """The forward's flags are set exactly on the (query block, key tile) pairs holding a
+    non-zero weight of the float64 oracle's (checked on inputs whose weights are far from the
+    threshold's rounding), and such inputs leave most tiles clear: the skipping happens."""
+    Nq = Nk = 200
+    # keys in 8 groups of 25 with a shared direction; each query sees its own group's strongly
+    g = torch.Generator().manual_seed(1)
+    dirs = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    group = torch.arange(Nk) // 25
+    k = (0.05 * torch.randn(1, 1, Nk, 16, generator=g) + 4 * dirs[group]).to(DEVICE)
+    q = (0.05 * torch.randn(1, 1, Nq, 16, generator=g) + 4 * dirs[group]).to(DEVICE)
+    v = torch.randn(1, 1, Nk, 16).to(DEVICE)
+    _, _, _, flags = kem.entmax_attention_fwd(q, k, v, 16 ** -0.5, alpha, off)
+    block_m, block_n = kem._tile_blocks(16, 16, torch.float32)
+    x = entmax_logits(q.cpu(), k.cpu(), 16 ** -0.5, alpha, None, allowed_keys(Nq, Nk, off))[0, 0]
+    x = x - x.amax(-1, keepdim=True)
+    nonzero = x > entmax_threshold(x, alpha)
+    n_qb, n_kb = flags.shape[1:]
+    padded = torch.nn.functional.pad(nonzero, (0, n_kb * block_n - Nk, 0, n_qb * block_m - Nq))
+    expected = padded.view(n_qb, block_m, n_kb, block_n).any(3).any(1)
+    assert torch.equal(flags[0].cpu().bool(), expected)
+    assert expected.float().mean() < 0.5
 
 
 def test_entry_defaults():
@@ -206,7 +232,7 @@ def test_entry_defaults():
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 12, 16), torch.randn(1, 1, 12, 16)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     out = kem.entmax_attention(q, k, v, alpha=1.5, is_causal=True)
-    expected, _, _ = kem.entmax_attention_fwd(q, k, v, 16 ** -0.5, 1.5, 0)
+    expected, _, _, _ = kem.entmax_attention_fwd(q, k, v, 16 ** -0.5, 1.5, 0)
     assert torch.equal(out, expected)
     for alpha in (1.0, 2.5, float("nan")):
         with pytest.raises(ValueError, match="alpha"):
@@ -254,8 +280,8 @@ def test_custom_ops_opcheck():
     s = (0.5 + torch.rand(4)).to(DEVICE)
     for alpha in (1.5, 1.3):
         torch.library.opcheck(torch.ops.longattn.entmax_attention_fwd, (q, k, v, 0.25, alpha, 3, s))
-        out, row_max, tau = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, 3, s)
-        args = (torch.randn_like(out), q, k, v, row_max, tau, 0.25, alpha, 3, s)
+        out, row_max, tau, flags = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, 3, s)
+        args = (torch.randn_like(out), q, k, v, row_max, tau, flags, 0.25, alpha, 3, s)
         torch.library.opcheck(torch.ops.longattn.entmax_attention_bwd, args)
 
 

@@ -288,10 +288,11 @@ def test_varlen_ops_opcheck_and_compile():
     torch.library.opcheck(torch.ops.longattn.softmax_attention_bwd, bwd_args)
     entmax_args = (*fwd_args[:4], 1.5, *fwd_args[4:])
     torch.library.opcheck(torch.ops.longattn.entmax_attention_fwd, entmax_args)
-    out, row_max, tau = kem.entmax_attention_fwd(*entmax_args)
+    out, row_max, tau, flags = kem.entmax_attention_fwd(*entmax_args)
     assert out.shape == (20, 4, 8) and row_max.shape == tau.shape == (4, 20)
+    assert flags.shape == (12, 1, 1)  # 3 documents x 4 heads, one 32 x 32 tile each
     torch.library.opcheck(torch.ops.longattn.entmax_attention_bwd,
-                          (torch.randn_like(out), *fwd_args[:3], row_max, tau, 0.25, 1.5, 0, sd, cq, ck, 17, 9))
+                          (torch.randn_like(out), *fwd_args[:3], row_max, tau, flags, 0.25, 1.5, 0, sd, cq, ck, 17, 9))
 
     def attend(q, k, v, s):
         return ksm.softmax_varlen_attention(q, k, v, cq, ck, 17, 9, is_causal=True, length_scale=s,
