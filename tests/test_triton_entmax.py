@@ -227,6 +227,27 @@ def test_tile_flags_mark_exactly_the_tiles_with_weight(alpha, off):
     assert expected.float().mean() < 0.5
 
 
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("alpha", [1.02, 1.1, 1.99])
+def test_alpha_near_the_ends_of_its_range(alpha):
+    """alpha near 1 (weights d ** 50, near softmax) and near 2 (near sparsemax): output and
+    gradients under the same rule, causal with GQA and odd lengths."""
+    q = (2 * torch.randn(1, 4, 37, 16)).to(DEVICE).requires_grad_()
+    k = torch.randn(1, 2, 45, 16).to(DEVICE).requires_grad_()
+    v = torch.randn(1, 2, 45, 16).to(DEVICE).requires_grad_()
+    out = kem.entmax_attention(q, k, v, alpha=alpha, causal_offset=8)
+    base_args, ref_args = leaves([q, k, v]), leaves([q, k, v], torch.float64)
+    allowed = allowed_keys(37, 45, 8)
+    ref = attention_oracle(*ref_args, normalizer="entmax", alpha=alpha, attn_mask=allowed)
+    base = longattn.scaled_dot_product_attention(*base_args, normalizer="entmax", alpha=alpha, causal_offset=8,
+                                                 enable_gqa=True, backend="reference")
+    check_rule(out.detach().cpu(), base.detach(), ref.detach(), torch.float32, "out")
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = grads(out, (q, k, v), do.float().to(DEVICE))
+    for name, g, g_b, g_r in zip("qkv", got, grads(base, base_args, do.float()), grads(ref, ref_args, do)):
+        check_rule(g.cpu(), g_b, g_r, torch.float32, f"d{name}")
+
+
 def test_entry_defaults():
     """scale defaults to D ** -0.5; is_causal is causal_offset 0; bad alpha is refused."""
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 12, 16), torch.randn(1, 1, 12, 16)
