@@ -1,0 +1,297 @@
+"""The reference Transformer: a small decoder-only language model whose attention is longattn's.
+
+Read top to bottom: the config, the positional encodings, RMSNorm, the SwiGLU MLP, the
+attention layer (the one place the normalizer is chosen), a block, the model with its KV-cache
+generation, and checkpoints. Tensors are `(B, T, C)` in the residual stream and `(B, H, T, D)`
+inside attention, as `longattn.scaled_dot_product_attention` takes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from longattn.attention import ScaledDotProductAttention, checks, reference
+
+POSITIONAL = ("rope", "partial_rope", "nope", "alibi")
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 512        # every token id of the task, specials included
+    d_model: int = 64            # residual width
+    n_layer: int = 2             # two layers are enough for an induction (look-up) circuit
+    n_head: int = 4              # query heads
+    n_kv_head: int = 2           # key/value heads (GQA); divides n_head
+    mlp_hidden: int = 0          # SwiGLU width; 0 means 8/3 * d_model rounded up to 16
+    positional: str = "partial_rope"  # "rope", "partial_rope", "nope" or "alibi"
+    rope_fraction: float = 0.5   # share of each head's dims that rotate, for "partial_rope"
+    rope_base: float = 10000.0   # RoPE's base wavelength
+    token_shift: bool = False    # add a learned map of the previous token's embedding to each
+                                 # position (RWKV's token shift), so a look-up needs no
+                                 # previous-token attention head and small models learn it fast
+    normalizer: str = "softmax"  # "softmax", "ssmax", "sparsemax" or "entmax"
+    alpha: float = 1.5           # entmax's alpha
+    length_scale: float | None = None  # initial s of length scaling (None: none; 1.0 for ssmax)
+    learn_length_scale: bool = True    # s is a per-head Parameter
+    backend: str = "auto"        # longattn backend: "auto", "reference", "torch" or "triton"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden must be a non-negative int; got {self.mlp_hidden!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        checks.check_choice("positional", self.positional, POSITIONAL)
+        if self.positional in ("rope", "partial_rope") and self.d_model // self.n_head % 2:
+            raise ValueError(f"RoPE needs an even head dim; got {self.d_model // self.n_head}")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ValueError(f"rope_fraction must be in (0, 1]; got {self.rope_fraction!r}")
+        if self.rope_base <= 1.0:
+            raise ValueError(f"rope_base must be > 1; got {self.rope_base!r}")
+        checks.check_choice("normalizer", self.normalizer, checks.NORMALIZERS)
+        checks.check_alpha(self.alpha)
+        s = self.length_scale
+        if s is not None and not (checks.is_real_number(s) and s > 0):
+            raise ValueError(f"length_scale must be None or a positive float; got {self.length_scale!r}")
+        checks.check_choice("backend", self.backend, checks.BACKENDS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims per head that RoPE rotates (even); the rest carry no position (NoPE)."""
+        if self.positional == "rope":
+            return self.head_dim
+        if self.positional == "partial_rope":
+            return max(2, int(self.head_dim * self.rope_fraction) // 2 * 2)
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional encodings
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, base: float) -> torch.Tensor:
+    """RoPE on the first `rotary_dim` dims of `x` (B, H, T, D) at integer `positions` (T,).
+
+    Pairs `(x[2i], x[2i+1])` turn by `position * base ** (-2i / rotary_dim)`; the other dims pass
+    through untouched, which is partial RoPE when `rotary_dim < D`.
+    """
+    if rotary_dim == 0:
+        return x
+    freqs = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=x.device) / rotary_dim)
+    angles = positions.to(torch.float64)[:, None] * freqs[None, :]  # (T, rotary_dim / 2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    even, odd = rot[..., 0::2], rot[..., 1::2]
+    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    return torch.cat((turned, rest), dim=-1)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Press et al. 2022: head h gets slope 2 ** (-8 (h + 1) / H), a geometric set of distances."""
+    return 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64) / n_head)
+
+
+def alibi_bias(slopes: torch.Tensor, query_pos: torch.Tensor, n_keys: int, dtype) -> torch.Tensor:
+    """`-slope_h * (i - j)` as a float mask (H, Tq, Nk) added to the logits; future keys (j > i)
+    are left to the causal mask, so their bias is 0 here."""
+    distance = query_pos[:, None] - torch.arange(n_keys, device=query_pos.device)[None, :]  # (Tq, Nk)
+    return (-slopes.to(query_pos.device)[:, None, None] * distance.clamp(min=0)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        hidden = config.mlp_hidden or -(-8 * config.d_model // 3 // 16) * 16
+        self.gate = nn.Linear(config.d_model, hidden, bias=False)
+        self.up = nn.Linear(config.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention through longattn, with RoPE or ALiBi and a KV cache.
+
+    With `record_rows` set (a list of query positions), the forward also keeps the attention
+    weights of those rows in `self.recorded`, `(B, Hq, len(rows), Nk)`: the study's measure of
+    fading. They are computed from the same logits by longattn's reference normalizer, one row
+    at a time, so the cost is O(N) per row.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
+        self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_head * config.head_dim, bias=False)
+        self.out_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        # The one place the normalizer is chosen; it owns the learnable per-head s.
+        self.attend = ScaledDotProductAttention(
+            config.normalizer, config.n_head, config.alpha, config.length_scale,
+            config.learn_length_scale, config.backend,
+        )
+        if config.positional == "alibi":
+            self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+        self.record_rows: list[int] | None = None
+        self.recorded: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, start: int, cache: dict | None) -> torch.Tensor:
+        """`x` (B, T, C) holds positions `start .. start + T - 1`; `cache` (or None) holds the
+        keys and values of positions `0 .. start - 1` and is extended in place."""
+        c = self.config
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.n_head)
+        k, v = rearrange(self.kv_proj(x), "b t (two h d) -> two b h t d", two=2, h=self.n_kv_head)
+        q = rotate(q, positions, c.rotary_dim, c.rope_base)
+        k = rotate(k, positions, c.rotary_dim, c.rope_base)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+        n_keys = k.shape[2]
+        bias = alibi_bias(self.slopes, positions, n_keys, q.dtype) if c.positional == "alibi" else None
+        # Query row i sits at position start + i: it may see keys j <= i + start (bottom-right),
+        # so SSMax's n_i is the same whether the prefix came from the cache or not.
+        gqa = self.n_head != self.n_kv_head
+        y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=n_keys - x.shape[1])
+        if self.record_rows is not None:
+            self.recorded = self.weights_of_rows(q, k, bias, [r - start for r in self.record_rows])
+        return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+    @torch.no_grad()
+    def weights_of_rows(self, q, k, bias, rows: list[int]) -> torch.Tensor:
+        """Attention weights of query rows `rows` (indices into `q`), (B, Hq, len(rows), Nk)."""
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        offset = k.shape[2] - q.shape[2]
+        out = []
+        for r in rows:
+            n_i = r + offset + 1  # keys this row may see
+            scores = q[:, :, r : r + 1].double() @ k[:, :, :n_i].double().transpose(-2, -1)
+            s = self.attend.length_scale
+            if s is not None:
+                s = torch.as_tensor(s, dtype=torch.float64).expand(self.n_head).view(-1, 1, 1)
+                scores = scores * s * math.log(n_i)
+            logits = scores * self.head_dim**-0.5
+            if bias is not None:
+                logits = logits + bias[:, r : r + 1, :n_i].double()
+            normalizer = "softmax" if self.attend.normalizer == "ssmax" else self.attend.normalizer
+            p = reference.normalize(logits, normalizer, self.attend.alpha)
+            out.append(F.pad(p, (0, k.shape[2] - n_i)))
+        return torch.cat(out, dim=2).float()
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(config.d_model), Attention(config)
+        self.mlp_norm, self.mlp = RMSNorm(config.d_model), SwiGLU(config)
+
+    def forward(self, x, start, cache):
+        x = x + self.attn(self.attn_norm(x), start, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.shift = nn.Linear(config.d_model, config.d_model, bias=False) if config.token_shift else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model)
+        # Weights at std 1/sqrt(fan_in), so attention logits and tied output logits start near
+        # unit scale (nanoGPT's fixed 0.02 is that for width 2500; at width 64 it leaves every
+        # logit near 0 and look-up circuits take far longer to form); residual branches smaller.
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+            if name.endswith(("out_proj.weight", "down.weight")):
+                p.data /= math.sqrt(2 * config.n_layer)
+
+    def forward(self, idx: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+        """Token ids `idx` (B, T) -> logits (B, T, vocab). With `cache` (from `new_cache`), `idx`
+        continues the tokens already cached, and the cache grows by T."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T); got {tuple(idx.shape)}")
+        start = 0 if cache is None or "k" not in cache[0] else cache[0]["k"].shape[2]
+        x = self.embed(idx)  # (B, T, C)
+        if self.shift is not None:  # position t also sees token t - 1 (the cache keeps the last)
+            first = x.new_zeros(x[:, :1].shape) if start == 0 else cache[0]["last_embedding"]
+            if cache is not None:
+                cache[0]["last_embedding"] = x[:, -1:]
+            x = x + self.shift(torch.cat((first, x[:, :-1]), dim=1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, start, None if cache is None else cache[i])
+        return self.norm(x) @ self.embed.weight.T  # tied embeddings
+
+    def new_cache(self) -> list[dict]:
+        """One empty dict per layer; attention fills in `k` and `v` (B, Hkv, T, D)."""
+        return [{} for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continues `idx` (B, T) by `max_new_tokens`, greedily when `temperature` is 0, with a KV
+        cache: one forward over the prompt, then one token at a time."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int; got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {temperature!r}")
+        cache = self.new_cache()
+        logits = self(idx, cache)[:, -1]
+        out = [idx]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)
+            out.append(token)
+            logits = self(token, cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def save(self, path) -> None:
+        torch.save({"config": asdict(self.config), "model": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, **overrides) -> "Transformer":
+        """A saved model; `overrides` replace config fields (e.g. `backend="reference"`)."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        known = {f.name for f in fields(TransformerConfig)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown config field(s) in overrides: {sorted(unknown)}")
+        model = cls(TransformerConfig(**{**saved["config"], **overrides}))
+        model.to(next(iter(saved["model"].values())).dtype)  # keep the saved precision
+        model.load_state_dict(saved["model"])
+        return model
