@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-from gpu_softmax import fmt, fwd_flops, rel_err, run_with_grads, tflops, time_provider, write_csv
+from gpu_softmax import fmt, fwd_flops, gpu_or_reason, rel_err, run_with_grads, tflops, time_provider, write_csv
 
 DEVICE, DTYPE = "cuda", None  # DTYPE: torch.bfloat16, set in main() (torch is imported there)
 TOKENS = 16384
@@ -246,31 +245,16 @@ def print_tables(rows):
 
 def main() -> int:
     args = parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu_entmax.py: no CUDA device here (torch.cuda.is_available() is False); this benchmark "
-              "needs an NVIDIA GPU. Nothing was run.")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        print("gpu_entmax.py: TRITON_INTERPRET is set, so the kernels would run in the interpreter; "
-              "unset it to benchmark the compiled kernels.")
-        return 1
-    import triton
-
-    import longattn
-
+    torch, sdpa, code = gpu_or_reason("gpu_entmax.py", "longattn GPU sparsemax / entmax benchmark")
+    if torch is None:
+        return code
     global DTYPE
     DTYPE = torch.bfloat16
-    sdpa = longattn.scaled_dot_product_attention
-    print(f"# longattn GPU sparsemax / entmax benchmark\n\n{torch.cuda.get_device_name()}, torch "
-          f"{torch.__version__}, triton {triton.__version__}, longattn {longattn.__version__}\n")
     ok = True if args.skip_check else check_correctness(torch, sdpa)
     rows = benchmark(torch, sdpa, args)
     print_tables(rows)
     write_csv(args.csv, rows)
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

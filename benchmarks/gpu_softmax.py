@@ -273,34 +273,41 @@ def write_csv(path, rows):
     print(f"\nwrote {path}")
 
 
-def main() -> int:
-    args = parse_args()
+def gpu_or_reason(script: str, title: str):
+    """`(torch, sdpa, None)` on a CUDA machine with compiled kernels, after printing the run's
+    header; otherwise `(None, None, exit code)` with the reason printed."""
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_softmax.py: no CUDA device here (torch.cuda.is_available() is False); this benchmark "
+        print(f"{script}: no CUDA device here (torch.cuda.is_available() is False); this benchmark "
               "needs an NVIDIA GPU. Nothing was run.")
-        return 0
+        return None, None, 0
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        print("gpu_softmax.py: TRITON_INTERPRET is set, so the kernels would run in the interpreter; "
+        print(f"{script}: TRITON_INTERPRET is set, so the kernels would run in the interpreter; "
               "unset it to benchmark the compiled kernels.")
-        return 1
+        return None, None, 1
     import triton
 
     import longattn
 
+    print(f"# {title}\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, longattn {longattn.__version__}\n")
+    return torch, longattn.scaled_dot_product_attention, None
+
+
+def main() -> int:
+    args = parse_args()
+    torch, sdpa, code = gpu_or_reason("gpu_softmax.py", "longattn GPU softmax benchmark")
+    if torch is None:
+        return code
     global DTYPE
     DTYPE = torch.bfloat16
-    sdpa = longattn.scaled_dot_product_attention
-    print(f"# longattn GPU softmax benchmark\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}, longattn {longattn.__version__}\n")
     ok = True if args.skip_check else check_correctness(torch, sdpa)
     rows = benchmark(torch, sdpa, args)
     ssmax_rows = ssmax_cost(torch, sdpa, args)
     print_tables(rows, ssmax_rows)
     write_csv(args.csv, rows + ssmax_rows)
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
