@@ -129,6 +129,7 @@ def entmax_attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_STEPS: tl.constexpr, TOL: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BISECT_ONLY: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // Hq, i_bh % Hq  # varlen: i_b is the document (the batch strides are 0)
@@ -178,20 +179,25 @@ def entmax_attention_fwd_kernel(
         k_n += BLOCK_N * stride_kn
 
     # Newton passes on G(t) = ||[x - m - t]_+||_p = 1 from t = -1: t += (mass - mass^(1-1/p)) / slope,
-    # mass = sum d^p, slope = sum d^(p-1). Every step stays left of the root, so d only shrinks.
-    # The root lies in [-1, -n^(1-alpha)] (the largest term is at most 1, the n terms sum to 1):
-    # each step is clamped into it, a safeguard against rounding that costs no pass.
-    # Rows past Nq (padding) and rows without keys start at t = +inf and stay there: all their
-    # d are 0, so they flag no tile.
+    # mass = sum d^p, slope = sum d^(p-1). G is convex and decreasing, so from the left every
+    # step stays left of the root and d only shrinks. Safeguard (rtsafe's): the root stays
+    # bracketed in [lo, hi], from [-1, -n^(1-alpha)] (the largest term is at most 1, the n terms
+    # sum to 1), lo rising to each iterate with mass >= 1, hi falling to each with mass < 1; a
+    # step that leaves the bracket by more than rounding is replaced by bisection. In exact
+    # arithmetic none does, so it costs no pass. Rows past Nq (padding) and rows without keys
+    # start at t = +inf and stay there: all their d are 0, so they flag no tile.
     n_keys = tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 1).to(tl.float32)
-    t_high = -tl.exp2(tl.log2(n_keys) * (1.0 - alpha))
     active = mask_m & (m_i > float("-inf"))
     m_i = tl.where(m_i > float("-inf"), m_i, 0.0)  # a row with no key: saved as 0 (and tau +inf)
     t = tl.where(active, -1.0, float("inf"))
+    lo, hi = t, tl.where(active, -tl.exp2(tl.log2(n_keys) * (1.0 - alpha)), float("inf"))
+    # A key tile whose weights are all zero at a point left of the root stays so at the root
+    # (and at every later iterate left of it): its flag is cleared, and later passes skip it
+    # without loading K. That point is t itself after a Newton step from the left (`t_left`),
+    # lo after a bisection. The first pass visits every tile.
+    t_left = t
     step_max = tl.full([], TOL + 1.0, dtype=tl.float32)  # tensors: loop-carried values keep one type
     n_steps = tl.full([], 0, dtype=tl.int32)
-    # A key tile whose weights are all zero at some iterate stays so (t only rises): its flag is
-    # cleared, and later passes skip it without loading K. The first pass visits every tile.
     while (step_max > TOL) & (n_steps < MAX_STEPS):
         mass = tl.zeros([BLOCK_M], dtype=tl.float32)
         slope = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -204,7 +210,8 @@ def entmax_attention_fwd_kernel(
                 u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
                 mass += tl.sum(u * d, 1)
                 slope += tl.sum(u, 1)
-                tl.store(flags + start_n // BLOCK_N, (tl.max(tl.max(d, 1), 0) > 0).to(tl.int8))
+                live = tl.max(tl.max(x, 1) - m_i - t_left, 0) > 0
+                tl.store(flags + start_n // BLOCK_N, live.to(tl.int8))
             k_n += BLOCK_N * stride_kn
         tl.debug_barrier()  # this pass's flags are read by other threads of the program in the next
         if ALPHA_IS_2:
@@ -214,8 +221,18 @@ def entmax_attention_fwd_kernel(
         else:
             root = _pow(mass, 1.0 - 1.0 / p)
         delta = tl.where(slope > 0, (mass - root) / tl.where(slope > 0, slope, 1.0), 0.0)
-        t_next = tl.where(active, tl.minimum(tl.maximum(t + delta, -1.0), t_high), t)
-        delta = tl.where(active, t_next - t, 0.0)
+        left = mass >= 1.0
+        lo = tl.where(active & left, t, lo)
+        hi = tl.where(active & ~left, tl.minimum(hi, t), hi)
+        t_newton = t + delta
+        newton = (t_newton >= lo - TOL) & (t_newton <= hi + TOL)
+        if BISECT_ONLY:  # the tests' way into the safeguard, which real inputs never take
+            newton = newton & False
+        t_next = tl.where(newton, tl.minimum(tl.maximum(t_newton, lo), hi), 0.5 * (lo + hi))
+        broken = mass != mass  # a NaN in the row: it stays NaN and holds no loop
+        t_next = tl.where(active, tl.where(broken, float("nan"), t_next), t)
+        delta = tl.where(active & ~broken, t_next - t, 0.0)
+        t_left = tl.where(newton & left, t_next, lo)
         t = t_next
         step_max = tl.max(tl.abs(delta), 0)  # a NaN row never holds the loop
         n_steps += 1
@@ -564,11 +581,13 @@ def entmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, max_newton_steps: int = MAX_NEWTON_STEPS,
+    bisect_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
     j <= i + causal_offset. `length_scale`: None, a float or a `()` / `(Hq,)` tensor.
-    `max_newton_steps` caps the Newton passes (the tests lower it to count them).
+    `max_newton_steps` caps the Newton passes (the tests lower it to count them);
+    `bisect_only` replaces every Newton step by the safeguard's bisection (for the tests).
 
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and, for the backward, `row_max` and `tau`
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
@@ -602,7 +621,7 @@ def entmax_attention_fwd(
         Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, *flags_shape[1:],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, DOT_PRECISION=dot_precision(q.dtype),
-        MAX_STEPS=max_newton_steps, TOL=NEWTON_TOL,
+        MAX_STEPS=max_newton_steps, TOL=NEWTON_TOL, BISECT_ONLY=bisect_only,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, row_max, tau, tile_flags

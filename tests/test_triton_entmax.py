@@ -202,6 +202,24 @@ def test_newton_converges_in_few_passes(alpha):
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
+def test_bisection_safeguard_alone_finds_the_same_threshold(alpha, nan_empty):
+    """The safeguard's bracket [-1, -n^(1-alpha)] and its bisection, run without Newton steps
+    (real inputs never leave the bracket): tau within its stopping width of Newton's, the same
+    output under the usual rule, and tile flags that still cover every weight."""
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    out, _, tau, flags = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, 10)
+    out_b, _, tau_b, flags_b = kem.entmax_attention_fwd(q, k, v, 0.25, alpha, 10, bisect_only=True)
+    finite = tau.isfinite()
+    assert torch.equal(finite, tau_b.isfinite())
+    assert (tau_b[finite] - tau[finite]).abs().max() < 4 * kem.NEWTON_TOL
+    ref = attention_oracle(q.cpu(), k.cpu(), v.cpu(), normalizer="entmax", alpha=alpha, scale=0.25,
+                           attn_mask=allowed_keys(40, 70, 10))
+    assert rel_err(out_b.cpu(), ref) < 1e-5
+    assert torch.equal(flags_b, flags)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("off", [None, 0], ids=["full", "causal"])
 def test_tile_flags_mark_exactly_the_tiles_with_weight(alpha, off):
     """The forward's flags are set exactly on the (query block, key tile) pairs holding a
