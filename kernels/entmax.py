@@ -169,14 +169,21 @@ def entmax_attention_fwd_kernel(
     key_end = _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M)
     flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # this block's row of flags
 
-    # Pass 1: the row max.
+    # Pass 1: the row max, and which rows hold a NaN logit (tl.maximum would pass over it).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    has_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
     k_n = k
     for start_n in range(0, key_end, BLOCK_N):
         x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
                          IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
         m_i = tl.maximum(m_i, tl.max(x, 1))
+        has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), 1))
         k_n += BLOCK_N * stride_kn
+    # A row with a NaN logit gives NaN, as the definition does: it takes no part in the search,
+    # its output, m and tau are stored as NaN, and its block keeps every tile flagged, so that
+    # the backward turns its gradients to NaN too.
+    nan_row = mask_m & (has_nan > 0)
+    block_has_nan = tl.max(nan_row.to(tl.int32), 0) > 0
 
     # Newton passes on G(t) = ||[x - m - t]_+||_p = 1 from t = -1: t += (mass - mass^(1-1/p)) / slope,
     # mass = sum d^p, slope = sum d^(p-1). G is convex and decreasing, so from the left every
@@ -187,7 +194,7 @@ def entmax_attention_fwd_kernel(
     # arithmetic none does, so it costs no pass. Rows past Nq (padding) and rows without keys
     # start at t = +inf and stay there: all their d are 0, so they flag no tile.
     n_keys = tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 1).to(tl.float32)
-    active = mask_m & (m_i > float("-inf"))
+    active = mask_m & (m_i > float("-inf")) & ~nan_row
     m_i = tl.where(m_i > float("-inf"), m_i, 0.0)  # a row with no key: saved as 0 (and tau +inf)
     t = tl.where(active, -1.0, float("inf"))
     lo, hi = t, tl.where(active, -tl.exp2(tl.log2(n_keys) * (1.0 - alpha)), float("inf"))
@@ -210,7 +217,8 @@ def entmax_attention_fwd_kernel(
                 u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
                 mass += tl.sum(u * d, 1)
                 slope += tl.sum(u, 1)
-                live = tl.max(tl.max(x, 1) - m_i - t_left, 0) > 0
+                # cleared against t_left - TOL: a margin for rounding in the last Newton step
+                live = (tl.max(tl.max(x, 1) - m_i - (t_left - TOL), 0) > 0) | block_has_nan
                 tl.store(flags + start_n // BLOCK_N, live.to(tl.int8))
             k_n += BLOCK_N * stride_kn
         tl.debug_barrier()  # this pass's flags are read by other threads of the program in the next
@@ -229,9 +237,8 @@ def entmax_attention_fwd_kernel(
         if BISECT_ONLY:  # the tests' way into the safeguard, which real inputs never take
             newton = newton & False
         t_next = tl.where(newton, tl.minimum(tl.maximum(t_newton, lo), hi), 0.5 * (lo + hi))
-        broken = mass != mass  # a NaN in the row: it stays NaN and holds no loop
-        t_next = tl.where(active, tl.where(broken, float("nan"), t_next), t)
-        delta = tl.where(active & ~broken, t_next - t, 0.0)
+        t_next = tl.where(active, t_next, t)
+        delta = tl.where(active, t_next - t, 0.0)
         t_left = tl.where(newton & left, t_next, lo)
         t = t_next
         step_max = tl.max(tl.abs(delta), 0)  # a NaN row never holds the loop
@@ -264,7 +271,7 @@ def entmax_attention_fwd_kernel(
             x = _tile_logits(b_q, k_n + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
                              IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # empty rows: t = +inf -> 0
-            live = tl.max(tl.max(d, 1), 0) > 0
+            live = (tl.max(tl.max(d, 1), 0) > 0) | block_has_nan
             if live:
                 w = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5) * d
                 b_v = load_tile(v_n + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
@@ -278,9 +285,10 @@ def entmax_attention_fwd_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rounding leaves l a few ulps off 1; empty rows stay 0
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
-    store_tile(p_o, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
-    tl.store(row_max + row + offs_m, m_i, mask=mask_m)
-    tl.store(tau + row + offs_m, t, mask=mask_m)
+    b_o = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])
+    store_tile(p_o, b_o.to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
+    tl.store(row_max + row + offs_m, tl.where(nan_row, float("nan"), m_i), mask=mask_m)
+    tl.store(tau + row + offs_m, tl.where(nan_row, float("nan"), t), mask=mask_m)
 
 
 @triton.heuristics(_HEURISTICS)
@@ -357,6 +365,7 @@ def entmax_attention_bwd_preprocess_kernel(
     b_do = load_tile(do + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask_m, mask_dv,
                      EVEN_M, EVEN_D).to(tl.float32)
     b_delta = tl.where(u_sum > 0, tl.sum(b_do * uv, 1) / tl.where(u_sum > 0, u_sum, 1.0), 0.0)
+    b_delta = tl.where(t_i != t_i, float("nan"), b_delta)  # a row the forward found NaN in
     tl.store(delta + row + offs_m, b_delta, mask=mask_m)
 
 
@@ -444,7 +453,11 @@ def entmax_attention_bwd_kernel_dkdv(
                 d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
                 if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
                     d_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, d_t, 0.0)
-                if tl.max(tl.max(d_t, 1), 0) > 0:  # the flags cover more rows than this tile
+                # Rows the forward found NaN in carry a NaN dO (the launcher's doing), which the
+                # products below spread to dK and dV; their d is 0, so they are tested apart.
+                # The flags cover more rows than this tile, hence the test.
+                nan_rows = tl.max((m_i != m_i).to(tl.int32), 0) > 0
+                if (tl.max(tl.max(d_t, 1), 0) > 0) | nan_rows:
                     u_t = _slopes(d_t, p, ALPHA_IS_2, ALPHA_IS_1_5)
                     b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
                     b_delta = tl.load(delta + row_h + rows, mask=mask_m, other=0.0)
@@ -545,9 +558,11 @@ def entmax_attention_bwd_kernel_dq(
         v += BLOCK_N * stride_vn
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)
+    nan_row = t_i != t_i  # rows the forward found NaN in
+    b_dq = tl.where(nan_row[:, None], float("nan"), b_dq * f_scale[:, None])
+    store_tile(p_dq, b_dq.to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)
     if HAS_LENGTH_SCALE:
-        tl.store(ds_row + row + offs_m, b_ds * ln_scale, mask=mask_m)
+        tl.store(ds_row + row + offs_m, tl.where(nan_row, float("nan"), b_ds * ln_scale), mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +660,10 @@ def entmax_attention_bwd(
     s = _length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     row_max, tau = row_max.float().contiguous(), tau.float().contiguous()
+    # A row the forward found a NaN in (row_max saved as NaN) gets a NaN dO: the kernels' products
+    # then carry it into dQ, dK and dV wherever that row reaches, as the definition's would.
+    nan_or_zero = (row_max * 0).to(do.dtype)
+    do = do + (nan_or_zero.T if varlen else nan_or_zero).unsqueeze(-1)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(
         max(BLOCK_D, BLOCK_DV), q.dtype, backward=True

@@ -313,6 +313,37 @@ def test_huge_logits_stay_finite(nan_empty):
         assert rel_err(dv.cpu(), grads(ref, ref_args[2:], do)[0]) < 4 * spacing / (alpha - 1)
 
 
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_nan_spoils_the_rows_the_definition_spoils(alpha, where):
+    """A NaN in a query row, or in a key, gives NaN in exactly the output rows where the float64
+    reference has NaN (a causal row before the NaN key stays finite). Gradients are NaN at
+    least where they depend on the NaN (dQ of those rows; dK, dV of every key those rows see)
+    and at most where the reference's are (its products spread 0 * NaN further; the kernels
+    spread it only within a tile)."""
+    q, k, v = torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    if where == "query":
+        q[0, 1, 40, 3] = float("nan")
+    else:
+        k[0, 0, 45, 2] = float("nan")
+    args = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = kem.entmax_attention(*args, alpha=alpha, is_causal=True)
+    ref_args = leaves(args, torch.float64)
+    ref = longattn.scaled_dot_product_attention(*ref_args, normalizer="entmax", alpha=alpha, is_causal=True,
+                                                backend="reference")
+    nan_rows = ref.isnan().any(-1)  # (1, H, N)
+    assert nan_rows.any() and not nan_rows.all()
+    assert torch.equal(out.detach().cpu().isnan().any(-1), nan_rows)
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = [g.cpu().isnan().any(-1) for g in grads(out, args, do.float().to(DEVICE))]
+    expected = [g.isnan().any(-1) for g in grads(ref, ref_args, do)]
+    last_row = nan_rows.float().mul(torch.arange(70)).amax(-1, keepdim=True)  # (1, H, 1)
+    seen_keys = (torch.arange(70) <= last_row) & nan_rows.any(-1, keepdim=True)
+    for name, g, g_ref, needed in zip("qkv", got, expected, (nan_rows, seen_keys, seen_keys)):
+        assert (g >= needed).all(), f"d{name} is finite where it depends on the NaN"
+        assert (g <= g_ref).all(), f"d{name} is NaN where the reference's is not"
+
+
 def test_custom_ops_opcheck():
     q, k, v = torch.randn(1, 4, 13, 16), torch.randn(1, 2, 19, 16), torch.randn(1, 2, 19, 8)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
