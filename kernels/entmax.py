@@ -15,7 +15,8 @@ algorithm that of `attention/chunked.py` (`entmax_threshold`), tile by tile::
     x_ij = (alpha - 1) * z_ij,  m_i = max_j x_ij                      # "entmax units"
     tau_i: sum_j [x_ij - m_i - tau_i]_+ ** (1 / (alpha - 1)) = 1
     p_ij = [x_ij - m_i - tau_i]_+ ** (1 / (alpha - 1)),  out_i = p_i @ v
-    (a row with n_i = 0 gives 0 and saves m_i = 0, tau_i = +inf)
+    (a row with n_i = 0 gives 0 and saves m_i = 0, tau_i = +inf; one with a NaN logit gives
+    NaN, and NaN gradients where they depend on it)
 
 Forward: one program holds a block of query rows and streams the key tiles through it several
 times, recomputing `q . k` on each pass and never storing scores: one pass for the row max,
@@ -25,8 +26,8 @@ Newton iterates only rise, so a tile whose weights are all zero at one iterate s
 flag is cleared and every later pass, the backward's included, skips it without loading K.
 
 Backward (the entmax Jacobian, Peters et al. 2019): with `u_ij = p_ij ** (2 - alpha)` on the
-support (the indicator for sparsemax, `d` for alpha = 1.5, `p / d` in general, `d` the clamped
-base) and `dP = dO V^T`,
+support (`d ** (1 / (alpha - 1) - 1)`, `d` the clamped base: the indicator for sparsemax, `d`
+itself for alpha = 1.5) and `dP = dO V^T`,
 
     delta_i = sum_j u_ij dP_ij / sum_j u_ij = dO_i . (sum_j u_ij v_j) / sum_j u_ij
     dz_ij = u_ij (dP_ij - delta_i),  dV = P^T dO,  dQ = dZ K * c,  dK = dZ^T Q * c
