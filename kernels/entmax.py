@@ -32,9 +32,10 @@ itself for alpha = 1.5) and `dP = dO V^T`,
     delta_i = sum_j u_ij dP_ij / sum_j u_ij = dO_i . (sum_j u_ij v_j) / sum_j u_ij
     dz_ij = u_ij (dP_ij - delta_i),  dV = P^T dO,  dQ = dZ K * c,  dK = dZ^T Q * c
 
-as FlashAttention-2's backward with `p (dp - delta)` replaced: a preprocess pass for delta (a
-key loop, since `sum_j u_ij v_j` is not the output), then dK/dV and dQ programs that recompute
-`d` from the saved `m`, `tau`, over the flagged tiles only.
+as FlashAttention-2's backward with `p (dp - delta)` replaced: a dQ program per query block that
+first loops over the keys for delta (`sum_j u_ij v_j` is not the output) and stores it, then a
+dK/dV program per key block; both recompute `d` from the saved `m`, `tau`, over the flagged
+tiles only.
 
 Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): as in
 `kernels/softmax.py`, each program reads its document's offsets and lengths from cu_seqlens.
@@ -294,84 +295,6 @@ def entmax_attention_fwd_kernel(
 
 @triton.heuristics(_HEURISTICS)
 @triton.jit
-def entmax_attention_bwd_preprocess_kernel(
-    q, k, v, do, row_max, tau, tile_flags, delta, s, cu_seqlens_q, cu_seqlens_k,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij, a pass over the row block's flagged key
-    tiles (the forward's tiles: same blocks). Rows with no support (no key) get 0."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // Hq, i_bh % Hq
-    i_hkv = i_h // GROUP
-    q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    do += i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-    k += i_b.to(tl.int64) * stride_kb + i_hkv.to(tl.int64) * stride_kh
-    v += i_b.to(tl.int64) * stride_vb + i_hkv.to(tl.int64) * stride_vh
-    if IS_VARLEN:
-        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
-        row = i_h.to(tl.int64) * Nq + bos_q
-        Nq, Nk = len_q, len_k
-        if i_m * BLOCK_M >= Nq:
-            return
-        q += bos_q * stride_qm
-        do += bos_q * stride_dom
-        k += bos_k * stride_kn
-        v += bos_k * stride_vn
-    else:
-        row = i_bh.to(tl.int64) * Nq
-
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m, mask_d, mask_dv = offs_m < Nq, offs_d < D, offs_dv < Dv
-    offs_m64 = offs_m.to(tl.int64)
-    offs_k = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    offs_v = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    b_q = load_tile(q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask_m, mask_d, EVEN_M, EVEN_D)
-    f_scale, _ = _row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
-    x_scale = f_scale * (alpha - 1.0)
-    p = 1.0 / (alpha - 1.0)
-    m_i, t_i = _load_row_stats(row_max + row, tau + row, offs_m, mask_m)
-    flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks
-
-    uv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    u_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
-        if tl.load(flags + start_n // BLOCK_N) != 0:
-            x = _tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                             IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
-            d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
-            u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
-            b_v = load_tile(v + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
-            u_sum += tl.sum(u, 1)
-            u_hi = u.to(b_v.dtype)
-            uv += tl.dot(u_hi, b_v, input_precision=DOT_PRECISION)  # [BM, BDV]
-            if b_v.dtype != tl.float32 and not ALPHA_IS_2:
-                # 16-bit inputs: u's rounding error goes into the dot as well. delta is a small
-                # difference (dz sums to 0 over a row), and ds sums dz q.k over every row, so a
-                # rounded u gave 5-30x the reference's error in ds (fp16, alpha 1.25 / 1.5).
-                uv += tl.dot((u - u_hi.to(tl.float32)).to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        k += BLOCK_N * stride_kn
-        v += BLOCK_N * stride_vn
-
-    b_do = load_tile(do + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask_m, mask_dv,
-                     EVEN_M, EVEN_D).to(tl.float32)
-    b_delta = tl.where(u_sum > 0, tl.sum(b_do * uv, 1) / tl.where(u_sum > 0, u_sum, 1.0), 0.0)
-    b_delta = tl.where(t_i != t_i, float("nan"), b_delta)  # a row the forward found NaN in
-    tl.store(delta + row + offs_m, b_delta, mask=mask_m)
-
-
-@triton.heuristics(_HEURISTICS)
-@triton.jit
 def entmax_attention_bwd_kernel_dkdv(
     q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -495,8 +418,10 @@ def entmax_attention_bwd_kernel_dq(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dQ of one query block, and with length scaling each row's share of ds_h:
-    `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
+    """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
+    dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
+    ds_h, `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic).
+    Both passes visit the flagged tiles only: the forward's blocks."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // Hq, i_bh % Hq
     i_hkv = i_h // GROUP
@@ -532,11 +457,38 @@ def entmax_attention_bwd_kernel_dq(
     b_do = load_tile(do + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask_m, mask_dv,
                      EVEN_M, EVEN_D)
     m_i, t_i = _load_row_stats(row_max + row, tau + row, offs_m, mask_m)
-    b_delta = tl.load(delta + row + offs_m, mask=mask_m, other=0.0)
     f_scale, ln_scale = _row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
     x_scale = f_scale * (alpha - 1.0)
     p = 1.0 / (alpha - 1.0)
     flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # the forward's blocks
+    k_start, v_start = k, v
+
+    # Pass 1: delta. sum_j u_ij v_j is not the output, so it takes a key loop of its own.
+    uv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    u_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
+        if tl.load(flags + start_n // BLOCK_N) != 0:
+            x = _tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
+                             IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+            d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
+            u = _slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
+            b_v = load_tile(v + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
+            u_sum += tl.sum(u, 1)
+            u_hi = u.to(b_v.dtype)
+            uv += tl.dot(u_hi, b_v, input_precision=DOT_PRECISION)  # [BM, BDV]
+            if b_v.dtype != tl.float32 and not ALPHA_IS_2:
+                # 16-bit inputs: u's rounding error goes into the dot as well. delta is a small
+                # difference (dz sums to 0 over a row), and ds sums dz q.k over every row, so a
+                # rounded u gave 5-30x the reference's error in ds (fp16, alpha 1.25 / 1.5).
+                uv += tl.dot((u - u_hi.to(tl.float32)).to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        k += BLOCK_N * stride_kn
+        v += BLOCK_N * stride_vn
+    b_delta = tl.where(u_sum > 0, tl.sum(b_do.to(tl.float32) * uv, 1) / tl.where(u_sum > 0, u_sum, 1.0), 0.0)
+    tl.store(delta + row + offs_m, b_delta, mask=mask_m)
+
+    # Pass 2: dQ, dz_ij = u_ij (dP_ij - delta_i).
+    k, v = k_start, v_start
+
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
@@ -559,11 +511,9 @@ def entmax_attention_bwd_kernel_dq(
         v += BLOCK_N * stride_vn
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    nan_row = t_i != t_i  # rows the forward found NaN in
-    b_dq = tl.where(nan_row[:, None], float("nan"), b_dq * f_scale[:, None])
-    store_tile(p_dq, b_dq.to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)
+    store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)
     if HAS_LENGTH_SCALE:
-        tl.store(ds_row + row + offs_m, tl.where(nan_row, float("nan"), b_ds * ln_scale), mask=mask_m)
+        tl.store(ds_row + row + offs_m, b_ds * ln_scale, mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,9 +619,9 @@ def entmax_attention_bwd(
     BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(
         max(BLOCK_D, BLOCK_DV), q.dtype, backward=True
     )
-    # the row-block programs (delta, dQ) read the flags tile for tile: they need the forward's blocks
+    # the dQ program reads the flags tile for tile: it needs the forward's blocks
     assert (BLOCK_HELD, BLOCK_STREAMED) == _tile_blocks(D, Dv, q.dtype)
-    flags_args = (tile_flags, *(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]))
+    n_blocks = _tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal,
               "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
     scalars = (float(scale), float(alpha), offset)
@@ -680,20 +630,15 @@ def entmax_attention_bwd(
     delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ds_row = None if s is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
-    if B * Hq * grid_nq > 0:
+    if B * Hq * grid_nq > 0:  # first: it stores delta for dK/dV
         row_grid = (triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)
-        entmax_attention_bwd_preprocess_kernel[row_grid](
-            q, k, v, do, row_max, tau, tile_flags, delta, s, cu_seqlens_q, cu_seqlens_k, *qkv_strides,
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *flags_args[1:],
-            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
-        )
         # dQ at D <= 64 in 16 bits: 4 warps spilled 8 bytes on sm_80 (uneven lengths, length
         # scaling); 8 warps take 170 registers and none
         dq_warps = 8 if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64 else num_warps
         entmax_attention_bwd_kernel_dq[row_grid](
             q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
             *qkv_strides, *_strides(dq, varlen),
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *flags_args[1:],
+            Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **{**common, "num_warps": dq_warps},
         )
 
@@ -711,7 +656,7 @@ def entmax_attention_bwd(
         entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
             q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
             *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen),
-            Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *flags_args[1:],
+            Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
             BLOCK_M=BLOCK_STREAMED, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
             **common,
         )
