@@ -1,9 +1,12 @@
-"""Public attention API: the function, the layers and the reference that defines them."""
+"""Public attention API: the functions, the layers, the normalizer registry and the reference
+that defines them."""
 
-from .functional import scaled_dot_product_attention
+from . import normalizers
+from .functional import attention_weights, scaled_dot_product_attention
 from .modules import MultiheadAttention, ScaledDotProductAttention
 from .varlen import varlen_attention
 
 __all__ = [
-    "scaled_dot_product_attention", "varlen_attention", "ScaledDotProductAttention", "MultiheadAttention",
+    "MultiheadAttention", "ScaledDotProductAttention", "attention_weights", "normalizers",
+    "scaled_dot_product_attention", "varlen_attention",
 ]

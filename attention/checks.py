@@ -11,8 +11,10 @@ import numbers
 
 import torch
 
-NORMALIZERS = ("softmax", "ssmax", "sparsemax", "entmax")
-BACKENDS = ("auto", "reference", "torch", "triton")
+from . import normalizers
+from .backends import BACKEND_CHOICES
+from .call import AttentionCall, PackedDocs
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -25,6 +27,34 @@ def check_choice(name: str, value, choices) -> str:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {options}; got {value!r}")
     return value
+
+
+def check_normalizer(name) -> str:
+    """A registered normalizer's name (`normalizers.py`)."""
+    return normalizers.get(name).name
+
+
+def check_backend(name) -> str:
+    return check_choice("backend", name, BACKEND_CHOICES)
+
+
+def check_causal_offset(causal_offset) -> int | None:
+    if causal_offset is not None and (not isinstance(causal_offset, int) or isinstance(causal_offset, bool)):
+        raise TypeError(f"causal_offset must be None or an int; got {type(causal_offset).__name__}")
+    return causal_offset
+
+
+def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale, scale: float | None,
+              causal_offset: int | None, attn_mask=None, dropout_p: float = 0.0,
+              docs: PackedDocs | None = None) -> AttentionCall:
+    """The call of checked arguments in canonical form: the normalizer rewritten to its base
+    record (`normalizers.canonical`) and the scale's default, `1 / sqrt(D)`, resolved."""
+    record, alpha, length_scale = normalizers.canonical(normalizer, alpha, length_scale)
+    return AttentionCall(
+        query, key, value, name=normalizer, normalizer=record, alpha=alpha, length_scale=length_scale,
+        scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,
+        attn_mask=attn_mask, dropout_p=dropout_p, docs=docs,
+    )
 
 
 def check_flag(name: str, value) -> bool:

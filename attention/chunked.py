@@ -1,18 +1,25 @@
 """backend="torch": attention in plain PyTorch that never builds the `(Nq, Nk)` score matrix.
 
-- Softmax and SSMax call torch's fused SDPA. SSMax's per-row factor `s_h * ln(n_i)` is folded
-  into the query, so the learnable `s` gets its gradient through autograd.
-- Sparsemax and alpha-entmax walk over blocks of query rows, holding one `(rows, Nk)` block of
-  logits at a time. Each row's threshold `tau` is found by Newton's method (below) and saved,
-  O(N), for a backward that recomputes each block from it.
+- Softmax and SSMax call torch's fused SDPA (`softmax_attention`). SSMax's per-row factor
+  `s_h * ln(n_i)` is folded into the query, so the learnable `s` gets its gradient through
+  autograd.
+- Sparsemax and alpha-entmax (`entmax_attention`) walk over blocks of query rows, holding one
+  `(rows, Nk)` block of logits at a time. Each row's threshold `tau` is found by Newton's method
+  (below) and saved, O(N), for a backward that recomputes each block from it.
 
-The semantics are those of `reference.py`; the tests hold the two together.
+Both take a dense `AttentionCall` (`attention/call.py`). The semantics are those of
+`reference.py`; the tests hold the two together.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .call import AttentionCall
 
 # A logits block holds about this many elements (4 MiB in float32): big enough for BLAS, small
 # enough for cache; and at least this many query rows, so the matmuls are not starved.
@@ -26,17 +33,20 @@ MAX_NEWTON_STEPS = 30
 COMPACT_FRACTION = 0.25
 
 
-def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
-              normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=0):
-    """Same signature and semantics as `reference.attention`, in O(N) extra memory per row block."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    causal = causal_offset if is_causal else None  # None: no causal mask; else the offset
-    if normalizer == "softmax":
-        return _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal, scale, length_scale)
-    alpha = 2.0 if normalizer == "sparsemax" else alpha
-    s = None if length_scale is None else _per_head(length_scale, q)
-    seed = int(torch.randint(1 << 62, ())) if dropout_p > 0 else 0
-    return SparseAttention.apply(q, k, v, s, attn_mask, causal, scale, alpha, dropout_p, seed)
+def softmax_attention(call: AttentionCall) -> torch.Tensor:
+    """Softmax (and SSMax, with a length scale) by torch's fused SDPA, in row blocks where SDPA
+    cannot take the causal rule."""
+    return _softmax_sdpa(call.query, call.key, call.value, call.attn_mask, call.dropout_p, call.causal_offset,
+                         call.scale, call.length_scale)
+
+
+def entmax_attention(call: AttentionCall) -> torch.Tensor:
+    """Sparsemax / alpha-entmax blockwise, O(N) extra memory per row block."""
+    q = call.query
+    s = None if call.length_scale is None else _per_head(call.length_scale, q)
+    seed = int(torch.randint(1 << 62, ())) if call.dropout_p > 0 else 0
+    return SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.causal_offset, call.scale,
+                                 call.alpha, call.dropout_p, seed)
 
 
 def _compute_dtype(t):
@@ -57,22 +67,22 @@ def _mask_4d(attn_mask):
     return None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]
 
 
-def _causal_block(causal, r0, r1, n_k, device):
-    """`(rows, n_k)`: key j allowed for row i iff `j <= i + causal` (the offset)."""
+def _causal_block(causal_offset, r0, r1, n_k, device):
+    """`(rows, n_k)`: key j allowed for row i iff `j <= i + causal_offset`."""
     rows = torch.arange(r0, r1, device=device).view(-1, 1)
-    return torch.arange(n_k, device=device).view(1, -1) <= rows + causal
+    return torch.arange(n_k, device=device).view(1, -1) <= rows + causal_offset
 
 
-def _causal_keys(causal, r1, n_k):
-    """Rows before r1 see only keys before `r1 + causal`: later ones are skipped."""
-    return n_k if causal is None else max(0, min(n_k, r1 + causal))
+def _causal_keys(causal_offset, r1, n_k):
+    """Rows before r1 see only keys before `r1 + causal_offset`: later ones are skipped."""
+    return n_k if causal_offset is None else max(0, min(n_k, r1 + causal_offset))
 
 
-def _allowed_block(mask4, causal, r0, r1, n_k, device):
+def _allowed_block(mask4, causal_offset, r0, r1, n_k, device):
     """Bool `(Bm, Hm, rows, n_k)` or `(rows, n_k)` of allowed keys for rows `r0:r1`, or None if all are."""
     allowed = None
-    if causal is not None:
-        allowed = _causal_block(causal, r0, r1, n_k, device)
+    if causal_offset is not None:
+        allowed = _causal_block(causal_offset, r0, r1, n_k, device)
     if mask4 is not None:
         blk = mask4[:, :, r0:r1] if mask4.shape[2] > 1 else mask4
         blk = blk if blk.dtype == torch.bool else blk != float("-inf")
@@ -80,19 +90,22 @@ def _allowed_block(mask4, causal, r0, r1, n_k, device):
     return allowed
 
 
-def allowed_counts(attn_mask, causal, n_q, n_k, device):
+def allowed_counts(attn_mask, causal_offset, n_q, n_k, device):
     """`n_i`, the keys row i may attend to, as float `(Bm, Hm, Nq)` (broadcastable to B, Hq)."""
     mask4 = _mask_4d(attn_mask)
     if mask4 is None:
         rows = torch.arange(n_q, device=device, dtype=torch.float64)
-        n = (rows + 1 + causal).clamp(0, n_k) if causal is not None else torch.full_like(rows, n_k)
+        if causal_offset is None:
+            n = torch.full_like(rows, n_k)
+        else:
+            n = (rows + 1 + causal_offset).clamp(0, n_k)
         return n.view(1, 1, n_q)
     b_m, h_m = mask4.shape[:2]
     counts = torch.empty(b_m, h_m, n_q, device=device, dtype=torch.float64)
     step = max(1, BLOCK_ELEMENTS // max(1, b_m * h_m * n_k))
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
-        allowed = _allowed_block(mask4, causal, r0, r1, n_k, device)
+        allowed = _allowed_block(mask4, causal_offset, r0, r1, n_k, device)
         counts[:, :, r0:r1] = allowed.expand(b_m, h_m, r1 - r0, n_k).sum(-1)
     return counts
 
@@ -107,17 +120,17 @@ def length_factor(s, counts, num_heads):
 # Softmax and SSMax: torch's fused SDPA
 
 
-def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal, scale, length_scale):
+def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal_offset, scale, length_scale):
     if length_scale is not None:
-        counts = allowed_counts(attn_mask, causal, q.shape[2], k.shape[2], q.device)
+        counts = allowed_counts(attn_mask, causal_offset, q.shape[2], k.shape[2], q.device)
         factor = length_factor(_per_head(length_scale, q), counts, q.shape[1])
         q = (q.to(factor.dtype) * factor).to(q.dtype)
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)  # SDPA adds a float mask in the query's dtype
-    if causal is None or (causal == 0 and attn_mask is None):
+    if causal_offset is None or (causal_offset == 0 and attn_mask is None):
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask, dropout_p, causal == 0, scale=scale, enable_gqa=gqa
+            q, k, v, attn_mask, dropout_p, causal_offset == 0, scale=scale, enable_gqa=gqa
         )
     # SDPA's causal flag is top-left only, and its math fallback refuses it beside a mask;
     # folding the rule into a (.., 1, Nk) padding mask would build an (Nq, Nk) one. Go by row
@@ -128,8 +141,8 @@ def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal, scale, length_scale):
     for r0 in range(0, q.shape[2], rows):
         r1 = min(q.shape[2], r0 + rows)
         # rows above the first key keep one, masked: SDPA gives them 0 and a zero gradient
-        nk = max(1, _causal_keys(causal, r1, k.shape[2]))
-        mask = _causal_block(causal, r0, r1, nk, q.device)
+        nk = max(1, _causal_keys(causal_offset, r1, k.shape[2]))
+        mask = _causal_block(causal_offset, r0, r1, nk, q.device)
         if mask4 is not None:
             blk = mask4[:, :, r0:r1, :nk] if mask4.shape[2] > 1 else mask4[..., :nk]
             mask = blk & mask if blk.dtype == torch.bool else blk.masked_fill(~mask, float("-inf"))
@@ -235,16 +248,16 @@ class _Blocks:
     is folded into the query once.
     """
 
-    def __init__(self, q, s, attn_mask, causal, scale, alpha, h_kv, n_k, dropout_p, seed):
+    def __init__(self, q, s, attn_mask, causal_offset, scale, alpha, h_kv, n_k, dropout_p, seed):
         b, h_q, n_q, _ = q.shape
         self.group, self.n_k = h_q // h_kv, n_k
-        self.causal, self.alpha = causal, alpha
+        self.causal_offset, self.alpha = causal_offset, alpha
         self.dropout_p, self.seed = dropout_p, seed
         self.mask4 = _mask_4d(attn_mask)
         self.c = torch.full((1, 1, 1, 1), (alpha - 1) * scale, dtype=q.dtype, device=q.device)
         self.dc_ds = None  # d c / d s_h, for the gradient of s
         if s is not None:
-            counts = allowed_counts(attn_mask, causal, n_q, n_k, q.device)
+            counts = allowed_counts(attn_mask, causal_offset, n_q, n_k, q.device)
             self.dc_ds = (alpha - 1) * scale * torch.log(counts.clamp(min=1)).to(q.dtype).unsqueeze(-1)
             self.c = self.c * length_factor(s, counts, h_q)
         rows = min(n_q, max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, self.group * n_k)))
@@ -256,7 +269,7 @@ class _Blocks:
 
     def keys(self, r1):
         """How many keys the block's rows may see: causal rows skip the rest."""
-        return _causal_keys(self.causal, r1, self.n_k)
+        return _causal_keys(self.causal_offset, r1, self.n_k)
 
     def cut(self, t, i, h0, h1, r0, r1):
         """Block `(i, h0:h1, r0:r1)` of a tensor shaped like `(B, Hq, Nq, ...)`, where any of
@@ -279,8 +292,8 @@ class _Blocks:
         if mask is not None and mask.dtype != torch.bool:  # a float mask is added to z
             x.add_(mask.to(x.dtype), alpha=self.alpha - 1)
             mask = mask != float("-inf")
-        if self.causal is not None:
-            causal = _causal_block(self.causal, r0, r1, nk, x.device)
+        if self.causal_offset is not None:
+            causal = _causal_block(self.causal_offset, r0, r1, nk, x.device)
             mask = causal if mask is None else mask & causal
         if mask is not None:
             x.masked_fill_(~mask, float("-inf"))
@@ -314,16 +327,15 @@ class SparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, s, attn_mask, causal, scale, alpha, dropout_p, seed):
+    def forward(ctx, q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p, seed):
         dtype = _compute_dtype(q)
         b, h_kv, n_k, _ = k.shape
         qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-        blocks = _Blocks(qc, s, attn_mask, causal, scale, alpha, h_kv, n_k, dropout_p, seed)
+        blocks = _Blocks(qc, s, attn_mask, causal_offset, scale, alpha, h_kv, n_k, dropout_p, seed)
         qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
         out = torch.empty(*qx.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
         row_max = torch.empty(*qx.shape[:-1], 1, dtype=dtype, device=q.device)
         tau = torch.empty_like(row_max)
-        steps = []
         for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
             if blocks.keys(r1) == 0:  # causal rows above the first key: no weight anywhere
                 out[i, h0:h1, :, r0:r1] = 0
@@ -333,8 +345,7 @@ class SparseAttention(torch.autograd.Function):
             m = x.amax(-1, keepdim=True)
             empty = m == float("-inf")
             m.masked_fill_(empty, 0.0)
-            t, n_steps = entmax_threshold(x - m, alpha, empty, torch.empty_like(x))
-            steps.append(n_steps)
+            t, _ = entmax_threshold(x - m, alpha, empty, torch.empty_like(x))
             t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
             row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = m, t
             p, _ = blocks.probs(x, m, t)
@@ -344,7 +355,6 @@ class SparseAttention(torch.autograd.Function):
             out[i, h0:h1, :, r0:r1] = out_blk.unflatten(1, (blocks.group, r1 - r0))
         ctx.save_for_backward(q, k, v, s, attn_mask, row_max, tau)
         ctx.blocks = blocks
-        ctx.newton_steps = steps
         return out.flatten(1, 2).to(q.dtype)
 
     @staticmethod

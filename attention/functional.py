@@ -1,12 +1,10 @@
-"""The public attention function: argument checks, defaults and the choice of backend."""
+"""The public attention function (argument checks, defaults, the call handed to the dispatch) and\nthe attention weights it computes."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import checks, chunked, reference
+from . import checks, dispatch, reference
 
 
 def scaled_dot_product_attention(
@@ -29,8 +27,11 @@ def scaled_dot_product_attention(
 
     A drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`: the positional
     arguments, the layout and their meanings are SDPA's, and with ``normalizer="softmax"`` and
-    no ``length_scale`` the result equals SDPA's. Equivalent to the following (the reference,
-    ``backend="reference"``; the other backends compute the same without the score matrix)::
+    no ``length_scale`` the result equals SDPA's. Equivalent to the following, which runs as
+    written (the backends compute the same; all but ``"reference"`` without the score matrix)::
+
+        import torch
+        from torch import clamp, inf
 
         def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None):
@@ -48,16 +49,22 @@ def scaled_dot_product_attention(
                 bias = attn_mask.masked_fill(~allowed, 0)                # added after scaling
             scores = q @ k.transpose(-2, -1)
             if normalizer == "ssmax" or length_scale is not None:      # Nakanishi 2025
-                s = torch.as_tensor(1.0 if length_scale is None else length_scale)
-                n = allowed.sum(-1, keepdim=True)                       # keys row i may see
-                scores = scores * s.view(-1, 1, 1) * n.log()            # s: float or (Hq,)
+                s = torch.as_tensor(1.0 if length_scale is None else length_scale, dtype=q.dtype)
+                n = allowed.sum(-1, keepdim=True).to(q.dtype)           # keys row i may see
+                scores = scores * s.view(-1, 1, 1) * n.clamp(min=1).log()   # s: float or (Hq,)
             z = (scale * scores + bias).masked_fill(~allowed, -inf)
             if normalizer in ("softmax", "ssmax"):
                 p = torch.softmax(z, dim=-1)
-            elif normalizer == "sparsemax":                             # Martins & Astudillo 2016
-                p = clamp(z - tau, min=0)                               # tau: sum(p) = 1
-            elif normalizer == "entmax":                                # Peters et al. 2019
-                p = clamp((alpha - 1) * z - tau, min=0) ** (1 / (alpha - 1))
+            else:  # sparsemax (Martins & Astudillo 2016) is entmax at alpha 2 (Peters et al. 2019)
+                a = 2.0 if normalizer == "sparsemax" else alpha
+                x = (a - 1) * (z - z.amax(-1, keepdim=True))            # row max at 0
+                lo, hi = torch.full_like(x[..., :1], -1.0), torch.zeros_like(x[..., :1])
+                for _ in range(100):                                    # bisect for tau:
+                    tau = (lo + hi) / 2                                 # sum_j p_j = 1
+                    above = (clamp(x - tau, min=0) ** (1 / (a - 1))).sum(-1, keepdim=True) >= 1
+                    lo, hi = torch.where(above, tau, lo), torch.where(above, hi, tau)
+                p = clamp(x - tau, min=0) ** (1 / (a - 1))
+                p = p / p.sum(-1, keepdim=True)
             p = p.masked_fill(~allowed.any(-1, keepdim=True), 0)        # empty rows give 0
             p = torch.dropout(p, dropout_p, train=True)
             return p @ v
@@ -76,8 +83,9 @@ def scaled_dot_product_attention(
         is_causal: top-left causal mask, ``j <= i``; may be combined with ``attn_mask``.
         scale: logit scale, default ``1 / sqrt(D)``.
         enable_gqa: allow ``Hq != Hkv``; query head ``h`` reads key head ``h // (Hq // Hkv)``.
-        normalizer: ``"softmax"``, ``"ssmax"`` (Scalable-Softmax), ``"sparsemax"`` or ``"entmax"``.
-        alpha: the entmax parameter, in ``(1, 2]``; used by ``"entmax"`` only.
+        normalizer: ``"softmax"``, ``"ssmax"`` (Scalable-Softmax), ``"sparsemax"``, ``"entmax"``,
+            or any name added to the registry (``longattn.attention.normalizers``).
+        alpha: the entmax parameter, in ``(1, 2]``; read by ``"entmax"`` only.
         length_scale: ``s`` of length scaling: the ``q @ k^T`` term of row ``i`` in head ``h`` is
             multiplied by ``s_h * ln(n_i)``, ``n_i`` the number of keys row ``i`` may attend to
             after every mask. A float, or a tensor of shape ``(Hq,)`` that may require grad.
@@ -87,7 +95,10 @@ def scaled_dot_product_attention(
             ``j <= i + causal_offset`` (implies causal; ``is_causal`` is offset 0). ``Nk - Nq``
             aligns it bottom-right, as decoding with a KV cache needs; rows left with no key
             give 0.
-        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash"``
+            (flash-attn, when installed: softmax and SSMax on CUDA in 16 bits). ``"auto"`` takes
+            the first of flash-attn and the Triton kernels that serves a CUDA call, else
+            ``"torch"``. A backend that cannot serve a call raises a ``ValueError`` saying why.
 
     Returns:
         ``(B, Hq, Nq, Dv)`` (or ``(Hq, Nq, Dv)``) in the dtype of ``query``. A row with no key
@@ -96,72 +107,53 @@ def scaled_dot_product_attention(
     checks.check_qkv(query, key, value, checks.check_flag("enable_gqa", enable_gqa))
     checks.check_mask(attn_mask, query, key)
     is_causal = checks.check_flag("is_causal", is_causal)
-    dropout_p = checks.check_dropout(dropout_p)
-    scale = checks.check_scale(scale)
-    normalizer = checks.check_choice("normalizer", normalizer, checks.NORMALIZERS)
-    alpha = checks.check_alpha(alpha)
-    length_scale = checks.check_length_scale(length_scale, query.shape[-3], query.device)
-    if causal_offset is not None:
-        if not isinstance(causal_offset, int) or isinstance(causal_offset, bool):
-            raise TypeError(f"causal_offset must be None or an int; got {type(causal_offset).__name__}")
-        is_causal = True
-    backend = checks.check_choice("backend", backend, checks.BACKENDS)
-
-    if normalizer == "ssmax":
-        normalizer = "softmax"
-        length_scale = 1.0 if length_scale is None else length_scale
-
-    unbatched = query.dim() == 3
-    if unbatched:  # a mask that broadcasts to (Hq, Nq, Nk) also broadcasts to (1, Hq, Nq, Nk)
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-
-    impl = _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer)
-    out = impl(
-        query, key, value, attn_mask, dropout_p, is_causal, scale,
-        normalizer=normalizer, alpha=alpha, length_scale=length_scale, causal_offset=causal_offset or 0,
+    causal_offset = checks.check_causal_offset(causal_offset)
+    if causal_offset is None and is_causal:
+        causal_offset = 0  # SDPA's top-left alignment
+    call = checks.make_call(
+        _batched(query), _batched(key), _batched(value), normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
+        length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
+        scale=checks.check_scale(scale), causal_offset=causal_offset, attn_mask=attn_mask,
+        dropout_p=checks.check_dropout(dropout_p),
     )
-    return out.squeeze(0) if unbatched else out
+    out = dispatch.run(call, checks.check_backend(backend))
+    return out.squeeze(0) if query.dim() == 3 else out
 
 
-def _select_backend(backend, query, key, value, attn_mask, dropout_p, normalizer):
-    """Which path runs. The paths share one signature, the reference's."""
-    if backend == "reference" or query.shape[-2] == 0 or key.shape[-2] == 0:
-        return reference.attention  # empty inputs: nothing to tile
-    if backend == "torch":
-        return chunked.attention
-    why_not = _triton_unsupported(query, value, attn_mask, dropout_p)
-    if backend == "triton":
-        if why_not:
-            raise ValueError(f"backend='triton' cannot run this call: {why_not}; use backend='torch' or 'auto'")
-        return _triton_attention
-    # auto: the kernels on a GPU when they cover the call, the blockwise torch path otherwise
-    return _triton_attention if query.is_cuda and not why_not else chunked.attention
+def attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    normalizer: str = "softmax",
+    alpha: float = 1.5,
+    length_scale: float | torch.Tensor | None = None,
+    causal_offset: int | None = None,
+) -> torch.Tensor:
+    """The attention weights `p` of :func:`scaled_dot_product_attention` (no dropout), computed
+    by the reference: ``(B, Hq, Nq, Nk)`` (or ``(Hq, Nq, Nk)``) in float32, or float64 for
+    float64 inputs; rows sum to 1, and a row with no key to attend to is 0. It builds the score
+    matrix, so it is for inspecting and measuring attention (a study's rows), not for long
+    sequences. Arguments as :func:`scaled_dot_product_attention`."""
+    value = key[..., :1]  # only its shape is read: the head dims check
+    checks.check_qkv(query, key, value, checks.check_flag("enable_gqa", enable_gqa))
+    checks.check_mask(attn_mask, query, key)
+    causal_offset = checks.check_causal_offset(causal_offset)
+    if causal_offset is None and checks.check_flag("is_causal", is_causal):
+        causal_offset = 0
+    call = checks.make_call(
+        _batched(query), _batched(key), _batched(value), normalizer=checks.check_normalizer(normalizer),
+        alpha=checks.check_alpha(alpha), scale=checks.check_scale(scale), causal_offset=causal_offset,
+        length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device), attn_mask=attn_mask,
+    )
+    weights = reference.weights(call)
+    return weights.squeeze(0) if query.dim() == 3 else weights
 
 
-def _triton_unsupported(query, value, attn_mask, dropout_p) -> str:
-    """Why the Triton kernels cannot serve a call, or "" when they can."""
-    if attn_mask is not None:
-        return "attn_mask is not supported by the kernels (is_causal is)"
-    if dropout_p > 0:
-        return "dropout_p > 0 is not supported by the kernels"
-    if query.dtype == torch.float64:
-        return "float64 is not supported by the kernels (float16, bfloat16, float32 are)"
-    if max(query.shape[-1], value.shape[-1]) > 256:
-        return f"head dims {query.shape[-1]}, {value.shape[-1]} exceed the kernels' 256"
-    if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"):
-        return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing longattn"
-    return ""
-
-
-def _triton_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
-                      normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=0):
-    # triton is imported only when used
-    offset = causal_offset if is_causal else None
-    if normalizer == "softmax":
-        from ..kernels.softmax import softmax_attention
-
-        return softmax_attention(q, k, v, scale=scale, causal_offset=offset, length_scale=length_scale)
-    from ..kernels.entmax import entmax_attention
-
-    alpha = 2.0 if normalizer == "sparsemax" else alpha
-    return entmax_attention(q, k, v, scale=scale, alpha=alpha, causal_offset=offset, length_scale=length_scale)
+def _batched(t: torch.Tensor) -> torch.Tensor:
+    """Unbatched `(H, N, D)` as `(1, H, N, D)`: a mask that broadcasts to `(Hq, Nq, Nk)` also
+    broadcasts to `(1, Hq, Nq, Nk)`."""
+    return t.unsqueeze(0) if t.dim() == 3 else t

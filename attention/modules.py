@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from . import checks
+from . import checks, normalizers
 from .functional import scaled_dot_product_attention
 
 
@@ -20,7 +20,8 @@ class ScaledDotProductAttention(nn.Module):
     SSMax by default), or a fixed float with ``learn_length_scale=False``.
 
     Args:
-        normalizer: ``"softmax"``, ``"ssmax"``, ``"sparsemax"`` or ``"entmax"``.
+        normalizer: ``"softmax"``, ``"ssmax"``, ``"sparsemax"``, ``"entmax"`` or another registered
+            name (``longattn.attention.normalizers``).
         num_heads: query heads; needed for a learnable ``s``.
         alpha: the entmax parameter, in ``(1, 2]``.
         length_scale: initial ``s``; ``None`` means no length scaling (1.0 for ``"ssmax"``).
@@ -38,18 +39,20 @@ class ScaledDotProductAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.normalizer = checks.check_choice("normalizer", normalizer, checks.NORMALIZERS)
+        self.normalizer = checks.check_normalizer(normalizer)
         self.alpha = checks.check_alpha(alpha)
-        self.backend = checks.check_choice("backend", backend, checks.BACKENDS)
+        self.backend = checks.check_backend(backend)
         checks.check_flag("learn_length_scale", learn_length_scale)
         if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1):
             raise ValueError(f"num_heads must be a positive int or None; got {num_heads!r}")
         self.num_heads = num_heads
 
-        scaled = normalizer == "ssmax" or length_scale is not None
+        record = normalizers.get(normalizer)
+        scaled = record.length_scaled or length_scale is not None
         if length_scale is not None and not checks.is_real_number(length_scale):
             raise TypeError(f"length_scale of a layer must be a float (its initial value); got {length_scale!r}")
-        init = checks.check_length_scale(1.0 if length_scale is None else length_scale, 1, None)
+        default = record.length_scale if record.length_scaled else 1.0
+        init = checks.check_length_scale(default if length_scale is None else length_scale, 1, None)
         if scaled and learn_length_scale:
             if num_heads is None:
                 raise ValueError("num_heads is needed for a learnable per-head length_scale")
@@ -81,7 +84,7 @@ class ScaledDotProductAttention(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"normalizer={self.normalizer!r}"]
-        if self.normalizer == "entmax":
+        if normalizers.get(self.normalizer).takes_alpha:
             parts.append(f"alpha={self.alpha}")
         if self.num_heads is not None:
             parts.append(f"num_heads={self.num_heads}")

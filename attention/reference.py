@@ -1,72 +1,65 @@
 """The reference: attention with the full score matrix, written to be read.
 
 This file defines what every other path computes. It is the oracle of the tests and the only
-code in longattn allowed to build the `(B, H, Nq, Nk)` score matrix. Inputs are taken as the
-public API has already checked them (see `attention/checks.py`); arithmetic runs in float32,
-or float64 for float64 inputs.
+code in longattn allowed to build the `(B, H, Nq, Nk)` score matrix. It takes calls as the
+public functions have checked them (`attention/call.py`); arithmetic runs in float32, or float64
+for float64 inputs. The normalizers' own row functions (`softmax`, `entmax`) are here too: the
+registry (`normalizers.py`) names them as each normalizer's reference.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .call import AttentionCall
 
 # Bisection halves a bracket narrower than 1 each step: 64 steps reach float64 rounding.
 _BISECT_STEPS = 64
 
 
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    *,
-    normalizer: str = "softmax",
-    alpha: float = 1.5,
-    length_scale: float | torch.Tensor | None = None,
-    causal_offset: int = 0,
-) -> torch.Tensor:
-    """Materialising attention. `query` is `(B, Hq, Nq, D)`, `key` `(B, Hkv, Nk, D)`, `value`
-    `(B, Hkv, Nk, Dv)`, with `Hq` a multiple of `Hkv`; returns `(B, Hq, Nq, Dv)`.
+def attention(call: AttentionCall) -> torch.Tensor:
+    """Materialising attention of a dense call: `(B, Hq, Nq, Dv)` in the query's dtype."""
+    probs = weights(call)
+    if call.dropout_p > 0.0:
+        probs = F.dropout(probs, call.dropout_p, training=True)
+    v = call.value.to(probs.dtype).repeat_interleave(call.query.shape[-3] // call.key.shape[-3], dim=-3)
+    return (probs @ v).to(call.query.dtype)
 
-    `normalizer` is "softmax", "sparsemax" or "entmax" (SSMax is softmax with `length_scale`).
-    With `is_causal`, key `j` is allowed for row `i` iff `j <= i + causal_offset`.
-    """
-    out_dtype = query.dtype
-    compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    q, k, v = (t.to(compute_dtype) for t in (query, key, value))
-    group = q.shape[-3] // k.shape[-3]
-    k = k.repeat_interleave(group, dim=-3)  # query head h reads key head h // group
-    v = v.repeat_interleave(group, dim=-3)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
 
-    allowed, bias = split_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device, compute_dtype, causal_offset)
+def weights(call: AttentionCall) -> torch.Tensor:
+    """The attention weights `(B, Hq, Nq, Nk)` of a dense call, in the compute dtype; a row
+    with no key to attend to is 0."""
+    compute_dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
+    q, k = call.query.to(compute_dtype), call.key.to(compute_dtype)
+    k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # query head h reads key head h // group
+
+    allowed, bias = split_mask(call.attn_mask, call.causal_offset, q.shape[-2], k.shape[-2], q.device, compute_dtype)
     scores = q @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
-    if length_scale is not None:
-        scores = scores * length_factor(length_scale, allowed, q.shape[-3], compute_dtype)
-    logits = scale * scores
+    if call.length_scale is not None:
+        scores = scores * length_factor(call.length_scale, allowed, q.shape[-3], compute_dtype)
+    logits = call.scale * scores
     if bias is not None:
         logits = logits + bias
 
     empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key: output 0, gradient 0
     logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
-    probs = normalize(logits, normalizer, alpha).masked_fill(empty, 0.0)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, dropout_p, training=True)
-    return (probs @ v).to(out_dtype)
+    if logits.numel() == 0:
+        return logits.clone()
+    return call.normalizer.normalize(logits, call.alpha).masked_fill(empty, 0.0)
 
 
-def split_mask(attn_mask, is_causal, n_q, n_k, device, dtype, causal_offset=0):
+def split_mask(attn_mask, causal_offset, n_q, n_k, device, dtype):
     """Returns `allowed` (bool, broadcastable to the scores) and the additive `bias` (or None).
 
-    A key is allowed when the causal mask (`j <= i + causal_offset`; 0 is SDPA's top-left), a
-    boolean mask (True = attend) and a float mask (not -inf) all allow it.
+    A key is allowed when the causal rule (`j <= i + causal_offset`, none when None; 0 is SDPA's
+    top-left), a boolean mask (True = attend) and a float mask (not -inf) all allow it.
     """
     allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    if is_causal:
+    if causal_offset is not None:
         allowed = allowed.tril(diagonal=causal_offset)
     bias = None
     if attn_mask is not None:
@@ -87,16 +80,17 @@ def length_factor(length_scale, allowed, num_heads, dtype):
     return s * torch.log(n)
 
 
-def normalize(logits: torch.Tensor, normalizer: str, alpha: float) -> torch.Tensor:
-    """The normalizer along the last dim. Masked logits are -inf; no row is all -inf."""
-    if logits.numel() == 0:
-        return logits.clone()
-    if normalizer == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if normalizer == "sparsemax":
-        alpha = 2.0
-    elif normalizer != "entmax":
-        raise ValueError(f"normalizer must be 'softmax', 'sparsemax' or 'entmax', got {normalizer!r}")
+# ---------------------------------------------------------------------------------------------
+# The normalizers' row functions: weights along the last dim. Masked logits are -inf; no row is
+# all -inf. `alpha` is read by entmax only.
+
+
+def softmax(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+def entmax(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha-entmax, exactly as `entmax.entmax_bisect(logits, alpha)`; alpha = 2 is sparsemax."""
     return _Entmax.apply(logits, float(alpha))
 
 

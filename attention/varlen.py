@@ -1,12 +1,12 @@
-"""Attention over packed variable-length documents (flash-attn's varlen layout): argument
-checks, dispatch, and the per-document definition on top of the dense function."""
+"""Attention over packed variable-length documents (flash-attn's varlen layout): the argument
+checks and the call handed to the dispatch, which runs it in one launch or document by document."""
 
 from __future__ import annotations
 
 import torch
 
-from . import checks
-from .functional import _triton_unsupported, scaled_dot_product_attention
+from . import checks, dispatch
+from .call import PackedDocs
 
 
 def varlen_attention(
@@ -29,7 +29,7 @@ def varlen_attention(
 
     Document ``d`` holds query rows ``cu_seqlens_q[d]:cu_seqlens_q[d+1]`` and keys
     ``cu_seqlens_k[d]:cu_seqlens_k[d+1]``. Equivalent to the following (the ``"reference"`` and
-    ``"torch"`` backends run exactly this loop; ``"triton"`` does it in one launch)::
+    ``"torch"`` backends run exactly this loop; ``"triton"`` and ``"flash"`` do it in one launch)::
 
         def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
             outs = []
@@ -61,79 +61,33 @@ def varlen_attention(
             a value below the true maximum raises ``ValueError``.
         is_causal, scale, normalizer, alpha, length_scale: as
             :func:`longattn.scaled_dot_product_attention`.
-        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``. ``"triton"`` covers
-            every normalizer in float16, bfloat16 and float32; ``"auto"`` takes it on CUDA
-            tensors when it covers the call, and the per-document loop otherwise.
+        backend: as :func:`longattn.scaled_dot_product_attention`. ``"triton"`` covers every
+            normalizer in float16, bfloat16 and float32; ``"flash"`` softmax and SSMax in 16 bits
+            (causal only where every document has as many queries as keys); ``"auto"`` takes the
+            first of them that serves a CUDA call, and the per-document loop otherwise.
 
     Returns:
         ``(total_q, Hq, Dv)`` in the dtype of ``query``.
     """
     _check_packed(query, key, value)
-    docs_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query)
-    docs_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key)
-    if len(docs_q) != len(docs_k):
+    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query)
+    offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key)
+    if len(offsets_q) != len(offsets_k):
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe the same number of documents; got "
-            f"{len(docs_q) - 1} and {len(docs_k) - 1}"
+            f"{len(offsets_q) - 1} and {len(offsets_k) - 1}"
         )
-    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, docs_q)
-    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, docs_k)
-    is_causal = checks.check_flag("is_causal", is_causal)
-    scale = checks.check_scale(scale)
-    normalizer = checks.check_choice("normalizer", normalizer, checks.NORMALIZERS)
-    alpha = checks.check_alpha(alpha)
-    length_scale = checks.check_length_scale(length_scale, query.shape[1], query.device)
-    backend = checks.check_choice("backend", backend, checks.BACKENDS)
-
-    why_not = _triton_unsupported(query, value, None, 0.0)
-    if backend == "triton" and why_not:
-        raise ValueError(f"backend='triton' cannot run this call: {why_not}; use backend='torch' or 'auto'")
-    empty = query.shape[0] == 0 or key.shape[0] == 0  # nothing to tile
-    if backend == "triton" and not empty or backend == "auto" and query.is_cuda and not why_not and not empty:
-        return _triton_varlen(
-            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            is_causal=is_causal, scale=scale, normalizer=normalizer, alpha=alpha, length_scale=length_scale,
-        )
-    dense_backend = "auto" if backend == "triton" else backend  # "triton" here: empty inputs
-    return _per_document(
-        query, key, value, docs_q, docs_k, is_causal=is_causal, scale=scale, normalizer=normalizer,
-        alpha=alpha, length_scale=length_scale, backend=dense_backend,
+    docs = PackedDocs(
+        cu_seqlens_q, cu_seqlens_k, _check_max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q),
+        _check_max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k), offsets_q, offsets_k,
     )
-
-
-def _triton_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                   is_causal, scale, normalizer, alpha, length_scale):
-    """One launch over every document; triton is imported only when used."""
-    if normalizer in ("softmax", "ssmax"):
-        from ..kernels.softmax import softmax_varlen_attention
-
-        if normalizer == "ssmax" and length_scale is None:
-            length_scale = 1.0
-        return softmax_varlen_attention(
-            query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            scale=scale, is_causal=is_causal, length_scale=length_scale,
-        )
-    from ..kernels.entmax import entmax_varlen_attention
-
-    return entmax_varlen_attention(
-        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-        alpha=2.0 if normalizer == "sparsemax" else alpha, is_causal=is_causal, length_scale=length_scale,
+    call = checks.make_call(
+        query, key, value, normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
+        length_scale=checks.check_length_scale(length_scale, query.shape[1], query.device),
+        scale=checks.check_scale(scale), causal_offset=0 if checks.check_flag("is_causal", is_causal) else None,
+        docs=docs,
     )
-
-
-def _per_document(query, key, value, docs_q, docs_k, **kwargs) -> torch.Tensor:
-    """The definition: the dense function on each document's `(1, H, n, D)` views, concatenated."""
-    outs = [query.new_empty(0, query.shape[1], value.shape[2])]  # for zero documents
-    for d in range(len(docs_q) - 1):
-        q_d, k_d, v_d = (
-            t[start:end].transpose(0, 1).unsqueeze(0)
-            for t, (start, end) in (
-                (query, docs_q[d:d + 2]), (key, docs_k[d:d + 2]), (value, docs_k[d:d + 2])
-            )
-        )
-        out = scaled_dot_product_attention(q_d, k_d, v_d, enable_gqa=True, **kwargs)  # (1, Hq, n, Dv)
-        outs.append(out[0].transpose(0, 1))
-    return torch.cat(outs)
+    return dispatch.run(call, checks.check_backend(backend))
 
 
 def _check_packed(query, key, value) -> None:

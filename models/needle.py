@@ -23,35 +23,38 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from longattn.attention import normalizers
+
 from . import probe
 from .tasks import IGNORE, TASKS, TaskConfig, check_task, make_batch
 from .transformer import POSITIONAL, Transformer, TransformerConfig
 
 DEFAULT_SETTINGS = ("softmax", "ssmax", "sparsemax", "entmax1.5", "entmax1.5+ls")
-SETTING_PATTERN = re.compile(r"^(softmax|ssmax|sparsemax|entmax)(\d*\.?\d+)?(\+ls(\d*\.?\d+)?)?$")
 
 
 def parse_setting(spec: str) -> dict:
     """A setting name -> the attention fields of `TransformerConfig`.
 
-    `<normalizer>[<alpha>][+ls[<s>]]`: "softmax", "ssmax", "sparsemax", "entmax1.5",
-    "entmax1.3+ls" (length-scaled, learnable s starting where `StudyConfig.model_config` puts
-    it), "sparsemax+ls0.5" (s starting at 0.5).
+    `<normalizer>[<alpha>][+ls[<s>]]`, the normalizer any registered name: "softmax", "ssmax",
+    "sparsemax", "entmax1.5", "entmax1.3+ls" (length-scaled, learnable s starting where
+    `StudyConfig.model_config` puts it), "sparsemax+ls0.5" (s starting at 0.5).
     """
-    m = SETTING_PATTERN.match(spec) if isinstance(spec, str) else None
+    names = "|".join(sorted(map(re.escape, normalizers.names()), key=len, reverse=True))
+    m = re.match(rf"^({names})(\d*\.?\d+)?(\+ls(\d*\.?\d+)?)?$", spec) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(
             f"setting must look like softmax, ssmax, sparsemax, entmax1.5 or entmax1.5+ls0.5; got {spec!r}"
         )
     normalizer, alpha, ls, s = m.groups()
-    if alpha is not None and normalizer != "entmax":
-        raise ValueError(f"setting {spec!r}: only entmax takes an alpha")
-    if ls is not None and normalizer == "ssmax":
-        raise ValueError(f"setting {spec!r}: ssmax is length-scaled already; write ssmax")
+    record = normalizers.get(normalizer)
+    if alpha is not None and not record.takes_alpha:
+        raise ValueError(f"setting {spec!r}: {normalizer} takes no alpha")
+    if ls is not None and record.length_scaled:
+        raise ValueError(f"setting {spec!r}: {normalizer} is length-scaled already; write {normalizer}")
     attention = {"normalizer": normalizer, "alpha": float(alpha) if alpha else 1.5}
     if not 1.0 < attention["alpha"] <= 2.0:
         raise ValueError(f"setting {spec!r}: alpha must be in (1, 2]")
-    if ls is not None or normalizer == "ssmax":
+    if ls is not None or record.length_scaled:
         attention["length_scale"] = float(s) if s else None  # None: the study's default start
     return attention
 
@@ -173,15 +176,7 @@ def evaluate_cell(model: Transformer, task: str, length: int, depth: float, samp
     model.eval()
     batch = make_batch(task, samples, length, depth, generator, task_config)
     rows = batch.answer_pos[0].tolist()  # the questions sit at the same places in every sequence
-    attns = [block.attn for block in model.blocks]
-    for a in attns:
-        a.record_rows = rows
-    try:
-        logits = model(batch.tokens)
-        weights = [a.recorded for a in attns]  # per layer (B, H, Q, N)
-    finally:
-        for a in attns:
-            a.record_rows, a.recorded = None, None
+    logits, weights = model(batch.tokens, attention_rows=rows)  # weights: per layer (B, H, Q, N)
     predicted = logits[:, rows].argmax(-1)  # (B, Q)
     answers = batch.targets[torch.arange(samples)[:, None], batch.answer_pos]
     needle_attention, entropy = [], []

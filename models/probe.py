@@ -17,6 +17,7 @@ import math
 import torch
 
 import longattn
+from longattn.attention import normalizers
 
 TOP, REST = 3.0, -2.0
 SSMAX_S = 0.43  # the SSMax paper's s for this figure
@@ -59,12 +60,14 @@ def closed_form(name: str, n: int) -> float:
     `(alpha - 1) g >= 1`, and otherwise every key is in the support, which for alpha = 1.5
     means `(x1 - tau)^2 + (n - 1)(x0 - tau)^2 = 1` with `x = z / 2`; sparsemax gives 1 when
     `g >= 1`, else `(1 + g (n - 1)) / n`."""
-    normalizer, alpha, s = PROBE_NORMALIZERS[name]
+    record, alpha, s = normalizers.canonical(*PROBE_NORMALIZERS[name])
     c = 1.0 if s is None else s * math.log(n)
     g = (TOP - REST) * c
-    if normalizer in ("softmax", "ssmax"):
+    if record is normalizers.SOFTMAX:
         return 1.0 / (1.0 + (n - 1) * math.exp(-g))
-    if normalizer == "sparsemax":
+    if record is not normalizers.ENTMAX:
+        raise ValueError(f"no closed form for normalizer {record.name!r}")
+    if alpha == 2.0:  # sparsemax
         return 1.0 if g >= 1 else (1 + g * (n - 1)) / n
     if alpha != 1.5:
         raise ValueError(f"closed form only for alpha 1.5; got {alpha}")

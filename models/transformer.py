@@ -1,8 +1,8 @@
 """The reference Transformer: a small decoder-only language model whose attention is longattn's.
 
-Read top to bottom: the config, the positional encodings, RMSNorm, the SwiGLU MLP, the
-attention layer (the one place the normalizer is chosen), a block, the model with its KV-cache
-generation, and checkpoints. Tensors are `(B, T, C)` in the residual stream and `(B, H, T, D)`
+Read top to bottom: the config, the positional encodings, the KV cache, RMSNorm, the SwiGLU MLP,
+the attention layer (the one place the normalizer is chosen), a block, the model with its
+KV-cache generation, and checkpoints. Tensors are `(B, T, C)` in the residual stream and `(B, H, T, D)`
 inside attention, as `longattn.scaled_dot_product_attention` takes them.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from longattn.attention import ScaledDotProductAttention, checks, reference
+from longattn.attention import ScaledDotProductAttention, attention_weights, checks
 
 POSITIONAL = ("rope", "partial_rope", "nope", "alibi")
 
@@ -35,11 +35,11 @@ class TransformerConfig:
     token_shift: bool = False    # add a learned map of the previous token's embedding to each
                                  # position (RWKV's token shift), so a look-up needs no
                                  # previous-token attention head and small models learn it fast
-    normalizer: str = "softmax"  # "softmax", "ssmax", "sparsemax" or "entmax"
+    normalizer: str = "softmax"  # a registered name: "softmax", "ssmax", "sparsemax", "entmax", ...
     alpha: float = 1.5           # entmax's alpha
     length_scale: float | None = None  # initial s of length scaling (None: none; 1.0 for ssmax)
     learn_length_scale: bool = True    # s is a per-head Parameter
-    backend: str = "auto"        # longattn backend: "auto", "reference", "torch" or "triton"
+    backend: str = "auto"        # longattn backend: "auto", "reference", "torch", "triton", "flash"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head"):
@@ -59,12 +59,12 @@ class TransformerConfig:
             raise ValueError(f"rope_fraction must be in (0, 1]; got {self.rope_fraction!r}")
         if self.rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1; got {self.rope_base!r}")
-        checks.check_choice("normalizer", self.normalizer, checks.NORMALIZERS)
+        checks.check_normalizer(self.normalizer)
         checks.check_alpha(self.alpha)
         s = self.length_scale
         if s is not None and not (checks.is_real_number(s) and s > 0):
             raise ValueError(f"length_scale must be None or a positive float; got {self.length_scale!r}")
-        checks.check_choice("backend", self.backend, checks.BACKENDS)
+        checks.check_backend(self.backend)
 
     @property
     def head_dim(self) -> int:
@@ -114,6 +114,32 @@ def alibi_bias(slopes: torch.Tensor, query_pos: torch.Tensor, n_keys: int, dtype
 
 
 # ---------------------------------------------------------------------------------------------
+# The KV cache
+
+
+class KVCache:
+    """The keys and values of every position seen so far, per layer, `(B, Hkv, T, D)` (after
+    RoPE), and the last position's token embedding for token shift. `model(idx, cache)` reads
+    and extends it; `length` is the next position."""
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, C)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new positions' `k`, `v` of `layer`; returns all of that layer's."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+# ---------------------------------------------------------------------------------------------
 # Modules
 
 
@@ -142,15 +168,15 @@ class SwiGLU(nn.Module):
 class Attention(nn.Module):
     """Causal GQA self-attention through longattn, with RoPE or ALiBi and a KV cache.
 
-    With `record_rows` set (a list of query positions), the forward also keeps the attention
-    weights of those rows in `self.recorded`, `(B, Hq, len(rows), Nk)`: the study's measure of
-    fading. They are computed from the same logits by longattn's reference normalizer, one row
-    at a time, so the cost is O(N) per row.
+    Asked for `rows` (query positions), the forward also returns the attention weights of
+    those rows, `(B, Hq, len(rows), Nk)`: the study's measure of fading. They come from the
+    same q, k and mask through `longattn.attention.attention_weights` (the reference), one
+    row at a time, so the cost is O(N) per row.
     """
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
-        self.config = config
+        self.config, self.layer = config, layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
         self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_head * config.head_dim, bias=False)
@@ -162,12 +188,11 @@ class Attention(nn.Module):
         )
         if config.positional == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
-        self.record_rows: list[int] | None = None
-        self.recorded: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, start: int, cache: dict | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, rows: list[int] | None = None):
         """`x` (B, T, C) holds positions `start .. start + T - 1`; `cache` (or None) holds the
-        keys and values of positions `0 .. start - 1` and is extended in place."""
+        keys and values of positions `0 .. start - 1` and is extended. Returns `(B, T, C)` and
+        the weights of the rows at positions `rows` (None without)."""
         c = self.config
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.n_head)
@@ -175,50 +200,43 @@ class Attention(nn.Module):
         q = rotate(q, positions, c.rotary_dim, c.rope_base)
         k = rotate(k, positions, c.rotary_dim, c.rope_base)
         if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v = cache.update(self.layer, k, v)
         n_keys = k.shape[2]
         bias = alibi_bias(self.slopes, positions, n_keys, q.dtype) if c.positional == "alibi" else None
         # Query row i sits at position start + i: it may see keys j <= i + start (bottom-right),
         # so SSMax's n_i is the same whether the prefix came from the cache or not.
         gqa = self.n_head != self.n_kv_head
-        y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=n_keys - x.shape[1])
-        if self.record_rows is not None:
-            self.recorded = self.weights_of_rows(q, k, bias, [r - start for r in self.record_rows])
-        return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
+        offset = n_keys - x.shape[1]
+        y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=offset)
+        weights = None if rows is None else self.weights_of_rows(q, k, bias, offset, [r - start for r in rows])
+        return self.out_proj(rearrange(y, "b h t d -> b t (h d)")), weights
 
     @torch.no_grad()
-    def weights_of_rows(self, q, k, bias, rows: list[int]) -> torch.Tensor:
-        """Attention weights of query rows `rows` (indices into `q`), (B, Hq, len(rows), Nk)."""
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        offset = k.shape[2] - q.shape[2]
-        out = []
-        for r in rows:
-            n_i = r + offset + 1  # keys this row may see
-            scores = q[:, :, r : r + 1].double() @ k[:, :, :n_i].double().transpose(-2, -1)
-            s = self.attend.length_scale
-            if s is not None:
-                s = torch.as_tensor(s, dtype=torch.float64).expand(self.n_head).view(-1, 1, 1)
-                scores = scores * s * math.log(n_i)
-            logits = scores * self.head_dim**-0.5
-            if bias is not None:
-                logits = logits + bias[:, r : r + 1, :n_i].double()
-            normalizer = "softmax" if self.attend.normalizer == "ssmax" else self.attend.normalizer
-            p = reference.normalize(logits, normalizer, self.attend.alpha)
-            out.append(F.pad(p, (0, k.shape[2] - n_i)))
+    def weights_of_rows(self, q, k, bias, offset: int, rows: list[int]) -> torch.Tensor:
+        """Attention weights of query rows `rows` (indices into `q`), (B, Hq, len(rows), Nk),
+        computed in float64."""
+        a = self.attend
+        out = [
+            attention_weights(
+                q[:, :, r:r + 1].double(), k.double(), None if bias is None else bias[:, r:r + 1].double(),
+                enable_gqa=self.n_head != self.n_kv_head, causal_offset=offset + r, normalizer=a.normalizer,
+                alpha=a.alpha, length_scale=a.length_scale,
+            )
+            for r in rows
+        ]
         return torch.cat(out, dim=2).float()
 
 
 class Block(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(config.d_model), Attention(config)
+        self.attn_norm, self.attn = RMSNorm(config.d_model), Attention(config, layer)
         self.mlp_norm, self.mlp = RMSNorm(config.d_model), SwiGLU(config)
 
-    def forward(self, x, start, cache):
-        x = x + self.attn(self.attn_norm(x), start, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, start, cache, rows=None):
+        h, weights = self.attn(self.attn_norm(x), start, cache, rows)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), weights
 
 
 class Transformer(nn.Module):
@@ -227,7 +245,7 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.shift = nn.Linear(config.d_model, config.d_model, bias=False) if config.token_shift else None
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model)
         # Weights at std 1/sqrt(fan_in), so attention logits and tied output logits start near
         # unit scale (nanoGPT's fixed 0.02 is that for width 2500; at width 64 it leaves every
@@ -238,25 +256,30 @@ class Transformer(nn.Module):
             if name.endswith(("out_proj.weight", "down.weight")):
                 p.data /= math.sqrt(2 * config.n_layer)
 
-    def forward(self, idx: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, attention_rows: list[int] | None = None):
         """Token ids `idx` (B, T) -> logits (B, T, vocab). With `cache` (from `new_cache`), `idx`
-        continues the tokens already cached, and the cache grows by T."""
+        continues the tokens already cached, and the cache grows by T. With `attention_rows`
+        (positions), returns `(logits, weights)`: per layer, the attention weights of those rows,
+        `(B, Hq, len(rows), Nk)`, for measuring attention; the model keeps no state of them."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T); got {tuple(idx.shape)}")
-        start = 0 if cache is None or "k" not in cache[0] else cache[0]["k"].shape[2]
+        start = 0 if cache is None else cache.length
         x = self.embed(idx)  # (B, T, C)
         if self.shift is not None:  # position t also sees token t - 1 (the cache keeps the last)
-            first = x.new_zeros(x[:, :1].shape) if start == 0 else cache[0]["last_embedding"]
+            first = x.new_zeros(x[:, :1].shape) if start == 0 else cache.last_embedding
             if cache is not None:
-                cache[0]["last_embedding"] = x[:, -1:]
+                cache.last_embedding = x[:, -1:]
             x = x + self.shift(torch.cat((first, x[:, :-1]), dim=1))
-        for i, block in enumerate(self.blocks):
-            x = block(x, start, None if cache is None else cache[i])
-        return self.norm(x) @ self.embed.weight.T  # tied embeddings
+        weights = []
+        for block in self.blocks:
+            x, w = block(x, start, cache, attention_rows)
+            weights.append(w)
+        logits = self.norm(x) @ self.embed.weight.T  # tied embeddings
+        return logits if attention_rows is None else (logits, weights)
 
-    def new_cache(self) -> list[dict]:
-        """One empty dict per layer; attention fills in `k` and `v` (B, Hkv, T, D)."""
-        return [{} for _ in self.blocks]
+    def new_cache(self) -> KVCache:
+        """An empty cache for `forward` and `generate`."""
+        return KVCache(len(self.blocks))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import longattn
-from longattn.attention import chunked, functional, reference
+from longattn.attention import chunked, reference
 from oracles import make_mask, rel_err
 
 SPARSE = [
@@ -101,13 +101,6 @@ def test_threshold_search_is_exact_and_quick(alpha, gain, compact, monkeypatch):
     p = (x - tau).clamp(min=0).pow(1 / (alpha - 1))
     assert (p.sum(-1) - 1).abs().max() < 1e-12
     torch.testing.assert_close(tau, reference.entmax_threshold(x, alpha), rtol=0, atol=1e-13)
-
-
-def test_auto_picks_the_torch_path_on_cpu():
-    q = torch.randn(1, 1, 4, 8)
-    for normalizer in ("softmax", "entmax"):
-        assert functional._select_backend("auto", q, q, q, None, 0.0, normalizer) is chunked.attention
-    assert functional._select_backend("reference", q, q, q, None, 0.0, "softmax") is reference.attention
 
 
 _MEMORY_PROBE = textwrap.dedent(

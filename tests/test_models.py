@@ -68,7 +68,7 @@ def test_kv_cache_equals_full_forward(normalizer, alpha, length_scale, positiona
     cache = model.new_cache()
     steps = [model(idx[:, :7], cache)]  # prefill, then one token at a time
     steps += [model(idx[:, t : t + 1], cache) for t in range(7, 19)]
-    assert cache[0]["k"].shape[2] == 19
+    assert cache.length == 19 and all(k.shape[2] == 19 for k in cache.keys)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
 
 

@@ -1,0 +1,217 @@
+"""The backends, one record each: what each can serve, and why not.
+
+A backend record names the backend, says in one line what runs, and answers `verify(call)`: ""
+when it can run a call, else the reason it cannot (fla's `verify` returning `(ok, reason)`).
+Whether a normalizer has an implementation on a backend is the normalizer record's business
+(`normalizers.py`); `dispatch.py` asks both. Adding a backend is one record here, its adaptors,
+and an entry in the `paths` of the normalizers it serves.
+
+The adaptors below turn an `AttentionCall` into a call of a kernel library; they import it only
+when they run, so importing longattn needs neither triton's kernels nor flash-attn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .call import AttentionCall
+
+# The Triton kernels' largest head dim (`kernels/common.py` has the same number as MAX_HEAD_DIM;
+# importing it here would compile the kernel helpers before a user sets TRITON_INTERPRET).
+TRITON_MAX_HEAD_DIM = 256
+FLASH_MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str  # what runs, for the README's table and the errors
+    verify: Callable[[AttentionCall], str]  # "" when this backend can run the call, else why not
+    packed: bool  # runs packed documents in one launch; else the dispatch runs them one by one
+    auto_devices: tuple[str, ...] | None  # where "auto" may choose it (None: anywhere; (): never)
+    # One implementation for every normalizer (the reference's, which needs only the normalizer's
+    # row function); None: each normalizer record names its own in `paths`.
+    run: Callable[[AttentionCall], torch.Tensor] | None = None
+
+    def allowed_by_auto(self, call: AttentionCall) -> bool:
+        return self.auto_devices is None or call.query.device.type in self.auto_devices
+
+
+# ---------------------------------------------------------------------------------------------
+# What each backend cannot do
+
+
+def _anything(call: AttentionCall) -> str:
+    return ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_limits(call: AttentionCall) -> str:
+    device = call.query.device
+    if call.attn_mask is not None:
+        return "attn_mask is not supported by the kernels (is_causal and causal_offset are)"
+    if call.dropout_p > 0:
+        return "dropout_p > 0 is not supported by the kernels"
+    if call.query.dtype == torch.float64:
+        return "float64 is not supported by the kernels (float16, bfloat16, float32 are)"
+    if max(call.head_dims) > TRITON_MAX_HEAD_DIM:
+        return f"head dims {call.head_dims[0]}, {call.head_dims[1]} exceed the kernels' {TRITON_MAX_HEAD_DIM}"
+    if device.type == "cpu" and not _interpreting():
+        return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing longattn"
+    if device.type not in ("cpu", "cuda"):
+        return f"the kernels run on CUDA tensors (or on CPU in the Triton interpreter); got {device}"
+    return ""
+
+
+def flash_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None or importlib.util.find_spec(
+        "flash_attn_interface") is not None
+
+
+def _flash_limits(call: AttentionCall) -> str:
+    if not flash_installed():
+        return "flash-attn is not installed (pip install 'longattn[flash]')"
+    if call.query.device.type != "cuda":
+        return f"flash-attn needs CUDA tensors; got {call.query.device}"
+    if call.query.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes float16 or bfloat16; got {call.query.dtype}"
+    if call.attn_mask is not None:
+        return "attn_mask is not supported by flash-attn (is_causal and causal_offset are)"
+    d, dv = call.head_dims
+    if d != dv or d > FLASH_MAX_HEAD_DIM:
+        return f"flash-attn needs one head dim of at most {FLASH_MAX_HEAD_DIM} for q, k and v; got {d}, {dv}"
+    return _flash_window(call)[1]
+
+
+def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], str]:
+    """flash-attn aligns its causal mask bottom-right, `j <= i + Nk - Nq`; a window `(-1, r)`
+    widens it to `j <= i + Nk - Nq + r`. So `causal_offset` maps to `(causal, window)` when it
+    is at least `Nk - Nq`. Returns that, and "" or the reason it does not map."""
+    offset = call.causal_offset
+    if offset is None:
+        return (False, (-1, -1)), ""
+    if call.docs is not None:  # one offset for every document: top-left equals bottom-right
+        lengths = zip(call.docs.offsets_q, call.docs.offsets_q[1:], call.docs.offsets_k, call.docs.offsets_k[1:])
+        if any(q1 - q0 != k1 - k0 for q0, q1, k0, k1 in lengths):
+            return (False, (-1, -1)), ("flash-attn aligns causal masks bottom-right in each document, which "
+                                       "equals is_causal only where documents have as many queries as keys")
+        return (True, (-1, -1)), ""
+    bottom_right = call.key.shape[-2] - call.query.shape[-2]
+    if offset < bottom_right:
+        return (False, (-1, -1)), (f"flash-attn aligns causal masks bottom-right: causal_offset must be at "
+                                   f"least Nk - Nq = {bottom_right}; got {offset}")
+    if offset == bottom_right:
+        return (True, (-1, -1)), ""
+    return (False, (-1, offset - bottom_right)), ""
+
+
+REFERENCE = Backend(
+    "reference", "`attention/reference.py`: the materialising definition, the oracle of the tests",
+    _anything, packed=False, auto_devices=(), run=reference.attention,
+)
+TORCH = Backend(
+    "torch", "`attention/chunked.py`: torch's fused SDPA for softmax, blocks of query rows for the sparse "
+    "normalizers", _anything, packed=False, auto_devices=None,
+)
+TRITON = Backend(
+    "triton", "`kernels/`: tiled Triton kernels (the Triton interpreter on CPU)",
+    _triton_limits, packed=True, auto_devices=("cuda",),
+)
+FLASH = Backend(
+    "flash", "flash-attn (FlashAttention 2, or 3's interface where present), when installed",
+    _flash_limits, packed=True, auto_devices=("cuda",),
+)
+
+BACKENDS = {b.name: b for b in (REFERENCE, TORCH, TRITON, FLASH)}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+# What "auto" tries, in order: the first that may run here and can serve the call.
+AUTO_ORDER = (FLASH, TRITON, TORCH)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptors: an AttentionCall to the kernels' entry points
+
+
+def triton_softmax(call: AttentionCall) -> torch.Tensor:
+    from ..kernels.softmax import softmax_attention, softmax_varlen_attention
+
+    q, k, v = call.query, call.key, call.value
+    if call.docs is None:
+        return softmax_attention(q, k, v, scale=call.scale, causal_offset=call.causal_offset,
+                                 length_scale=call.length_scale)
+    d = call.docs
+    return softmax_varlen_attention(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
+                                    scale=call.scale, is_causal=call.causal_offset is not None,
+                                    length_scale=call.length_scale)
+
+
+def triton_entmax(call: AttentionCall) -> torch.Tensor:
+    from ..kernels.entmax import entmax_attention, entmax_varlen_attention
+
+    q, k, v = call.query, call.key, call.value
+    if call.docs is None:
+        return entmax_attention(q, k, v, scale=call.scale, alpha=call.alpha, causal_offset=call.causal_offset,
+                                length_scale=call.length_scale)
+    d = call.docs
+    return entmax_varlen_attention(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
+                                   scale=call.scale, alpha=call.alpha, is_causal=call.causal_offset is not None,
+                                   length_scale=call.length_scale)
+
+
+def flash_softmax(call: AttentionCall) -> torch.Tensor:
+    """Softmax through flash-attn; SSMax's per-row factor `s_h ln(n_i)` folded into the query, so
+    a tensor `s` gets its gradient through autograd. FlashAttention 3's interface (Hopper) is
+    taken where it is installed and no dropout is asked for (it has none)."""
+    (causal, window), _ = _flash_window(call)
+    q, k, v = call.query, call.key, call.value
+    dense = call.docs is None
+    if dense:  # flash-attn's layout is (B, N, H, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if call.length_scale is not None:
+        q = (q.float() * _flash_length_factor(call)).to(q.dtype)
+    kwargs = {"softmax_scale": call.scale, "causal": causal, "window_size": window}
+    fa3 = importlib.util.find_spec("flash_attn_interface") is not None and call.dropout_p == 0
+    if fa3:
+        import flash_attn_interface as fa
+    else:
+        import flash_attn as fa
+
+        kwargs["dropout_p"] = call.dropout_p
+    if dense:
+        out = fa.flash_attn_func(q, k, v, **kwargs)
+    else:
+        d = call.docs
+        out = fa.flash_attn_varlen_func(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
+                                        **kwargs)
+    out = out[0] if isinstance(out, tuple) else out  # some FlashAttention 3 versions also return the lse
+    return out.transpose(1, 2) if dense else out
+
+
+def _flash_length_factor(call: AttentionCall) -> torch.Tensor:
+    """`s_h ln(n_i)` in flash-attn's layout, `(B, Nq, Hq, 1)` or packed `(total_q, Hq, 1)`;
+    `n_i` (the keys row i may see) as the causal rule and the documents give it, 1 for none."""
+    device, h_q = call.query.device, call.query.shape[-3] if call.docs is None else call.query.shape[1]
+    if call.docs is None:
+        rows = torch.arange(call.query.shape[-2], device=device)
+        n_k = torch.full_like(rows, call.key.shape[-2])
+        offset = call.causal_offset
+    else:  # each row's index within its document, and its document's key count
+        lengths_q = call.docs.cu_seqlens_q.diff().long()
+        doc = torch.repeat_interleave(torch.arange(call.docs.count, device=device), lengths_q)
+        rows = torch.arange(call.query.shape[0], device=device) - call.docs.cu_seqlens_q[:-1].long()[doc]
+        n_k = call.docs.cu_seqlens_k.diff().long()[doc]
+        offset = call.causal_offset
+    n = n_k if offset is None else torch.minimum(rows + offset + 1, n_k)
+    ln_n = torch.log(n.clamp(min=1).float())
+    s = torch.as_tensor(call.length_scale, dtype=torch.float32, device=device).expand(h_q)
+    factor = ln_n[:, None] * s[None, :]  # (Nq, Hq)
+    return factor.unsqueeze(-1) if call.docs is not None else factor[None, :, :, None]
