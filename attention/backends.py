@@ -31,7 +31,8 @@ FLASH_MAX_HEAD_DIM = 256
 @dataclass(frozen=True)
 class Backend:
     name: str
-    summary: str  # what runs, for the README's table and the errors
+    summary: str  # what runs, for the README's table
+    memory: str  # the extra memory it takes, likewise
     verify: Callable[[AttentionCall], str]  # "" when this backend can run the call, else why not
     packed: bool  # runs packed documents in one launch; else the dispatch runs them one by one
     auto_devices: tuple[str, ...] | None  # where "auto" may choose it (None: anywhere; (): never)
@@ -100,7 +101,8 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
     if offset is None:
         return (False, (-1, -1)), ""
     if call.docs is not None:  # one offset for every document: top-left equals bottom-right
-        lengths = zip(call.docs.offsets_q, call.docs.offsets_q[1:], call.docs.offsets_k, call.docs.offsets_k[1:])
+        offsets_q, offsets_k = call.docs.offsets_q, call.docs.offsets_k
+        lengths = zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])
         if any(q1 - q0 != k1 - k0 for q0, q1, k0, k1 in lengths):
             return (False, (-1, -1)), ("flash-attn aligns causal masks bottom-right in each document, which "
                                        "equals is_causal only where documents have as many queries as keys")
@@ -116,18 +118,19 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
 
 REFERENCE = Backend(
     "reference", "`attention/reference.py`: the materialising definition, the oracle of the tests",
-    _anything, packed=False, auto_devices=(), run=reference.attention,
+    "the `B x H x Nq x Nk` scores", _anything, packed=False, auto_devices=(), run=reference.attention,
 )
 TORCH = Backend(
     "torch", "`attention/chunked.py`: torch's fused SDPA for softmax, blocks of query rows for the sparse "
-    "normalizers", _anything, packed=False, auto_devices=None,
+    "normalizers, each row's threshold by Newton's method", "one block of about 4 MiB, plus O(N)", _anything,
+    packed=False, auto_devices=None,
 )
 TRITON = Backend(
-    "triton", "`kernels/`: tiled Triton kernels (the Triton interpreter on CPU)",
-    _triton_limits, packed=True, auto_devices=("cuda",),
+    "triton", "`kernels/`: tiled Triton kernels, forward and backward (the Triton interpreter on CPU)",
+    "O(N)", _triton_limits, packed=True, auto_devices=("cuda",),
 )
 FLASH = Backend(
-    "flash", "flash-attn (FlashAttention 2, or 3's interface where present), when installed",
+    "flash", "flash-attn (FlashAttention 2, or 3's interface where present), when installed", "O(N)",
     _flash_limits, packed=True, auto_devices=("cuda",),
 )
 
@@ -163,8 +166,8 @@ def triton_entmax(call: AttentionCall) -> torch.Tensor:
                                 length_scale=call.length_scale)
     d = call.docs
     return entmax_varlen_attention(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
-                                   scale=call.scale, alpha=call.alpha, is_causal=call.causal_offset is not None,
-                                   length_scale=call.length_scale)
+                                   scale=call.scale, alpha=call.alpha,
+                                   is_causal=call.causal_offset is not None, length_scale=call.length_scale)
 
 
 def flash_softmax(call: AttentionCall) -> torch.Tensor:
@@ -190,8 +193,8 @@ def flash_softmax(call: AttentionCall) -> torch.Tensor:
         out = fa.flash_attn_func(q, k, v, **kwargs)
     else:
         d = call.docs
-        out = fa.flash_attn_varlen_func(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
-                                        **kwargs)
+        out = fa.flash_attn_varlen_func(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q,
+                                        d.max_seqlen_k, **kwargs)
     out = out[0] if isinstance(out, tuple) else out  # some FlashAttention 3 versions also return the lse
     return out.transpose(1, 2) if dense else out
 

@@ -6,7 +6,7 @@ the backend's `verify` finds nothing it cannot do (`backends.py`). "auto" takes 
 serve a call raises a ValueError naming the normalizer, the backend and the missing feature.
 Nothing falls through to another path.
 
-`python -m longattn.attention.dispatch` prints the capability tables the README shows.
+`capability_table()` gives the tables the README shows (a test holds the two together).
 """
 
 from __future__ import annotations
@@ -89,12 +89,10 @@ def capability_table() -> str:
         record, _, _ = normalizers.canonical(name, 1.5, None)
         marks = ["yes" if implementation(BACKENDS[n], record) is not None else "no" for n in names]
         lines.append(f"| `{name}` | " + " | ".join(marks) + " |")
-    lines += ["", "| `backend=` | what runs | packed documents | `\"auto\"` takes it |", "|---|---|---|---|"]
+    lines += ["", "| `backend=` | what runs | extra memory | packed documents | `\"auto\"` takes it |",
+              "|---|---|---|---|---|"]
     for name, b in BACKENDS.items():
         auto = "anywhere" if b.auto_devices is None else ", ".join(b.auto_devices) or "never"
-        lines.append(f"| `{name}` | {b.summary} | {'one launch' if b.packed else 'one by one'} | {auto} |")
+        packed = "one launch" if b.packed else "one at a time"
+        lines.append(f"| `{name}` | {b.summary} | {b.memory} | {packed} | {auto} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(capability_table())

@@ -1,4 +1,5 @@
-"""The public attention function (argument checks, defaults, the call handed to the dispatch) and\nthe attention weights it computes."""
+"""The public attention function (argument checks, defaults, the call handed to the dispatch)
+and the attention weights it computes."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def scaled_dot_product_attention(
     if causal_offset is None and is_causal:
         causal_offset = 0  # SDPA's top-left alignment
     call = checks.make_call(
-        _batched(query), _batched(key), _batched(value), normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
+        _batched(query), _batched(key), _batched(value),
+        normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, attn_mask=attn_mask,
         dropout_p=checks.check_dropout(dropout_p),
@@ -147,7 +149,8 @@ def attention_weights(
     call = checks.make_call(
         _batched(query), _batched(key), _batched(value), normalizer=checks.check_normalizer(normalizer),
         alpha=checks.check_alpha(alpha), scale=checks.check_scale(scale), causal_offset=causal_offset,
-        length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device), attn_mask=attn_mask,
+        length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
+        attn_mask=attn_mask,
     )
     weights = reference.weights(call)
     return weights.squeeze(0) if query.dim() == 3 else weights

@@ -50,7 +50,9 @@ class ScaledDotProductAttention(nn.Module):
         record = normalizers.get(normalizer)
         scaled = record.length_scaled or length_scale is not None
         if length_scale is not None and not checks.is_real_number(length_scale):
-            raise TypeError(f"length_scale of a layer must be a float (its initial value); got {length_scale!r}")
+            raise TypeError(
+                f"length_scale of a layer must be a float (its initial value); got {length_scale!r}"
+            )
         default = record.length_scale if record.length_scaled else 1.0
         init = checks.check_length_scale(default if length_scale is None else length_scale, 1, None)
         if scaled and learn_length_scale:

@@ -60,7 +60,9 @@ def register(record: Normalizer) -> Normalizer:
         raise ValueError(f"normalizer {record.name!r} is registered already")
     if record.base is not None:
         if record.base not in _REGISTRY or _REGISTRY[record.base].base is not None:
-            raise ValueError(f"normalizer {record.name!r}: base {record.base!r} must be a registered canonical one")
+            raise ValueError(
+                f"normalizer {record.name!r}: base {record.base!r} must be a registered canonical one"
+            )
     elif record.normalize is None:
         raise ValueError(f"normalizer {record.name!r} needs its reference row function, normalize")
     _REGISTRY[record.name] = record
@@ -101,7 +103,8 @@ def canonical(name: str, alpha: float, length_scale):
 SOFTMAX = register(Normalizer(
     "softmax", "`p_j = exp(z_j) / sum_k exp(z_k)`: the standard",
     normalize=reference.softmax,
-    paths={"torch": chunked.softmax_attention, "triton": backends.triton_softmax, "flash": backends.flash_softmax},
+    paths={"torch": chunked.softmax_attention, "triton": backends.triton_softmax,
+           "flash": backends.flash_softmax},
 ))
 SSMAX = register(Normalizer(
     "ssmax", "softmax of `s * ln(n) * z`, `s` learnable per head: Scalable-Softmax, Nakanishi 2025",

@@ -37,7 +37,8 @@ def weights(call: AttentionCall) -> torch.Tensor:
     q, k = call.query.to(compute_dtype), call.key.to(compute_dtype)
     k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # query head h reads key head h // group
 
-    allowed, bias = split_mask(call.attn_mask, call.causal_offset, q.shape[-2], k.shape[-2], q.device, compute_dtype)
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    allowed, bias = split_mask(call.attn_mask, call.causal_offset, n_q, n_k, q.device, compute_dtype)
     scores = q @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
     if call.length_scale is not None:
         scores = scores * length_factor(call.length_scale, allowed, q.shape[-3], compute_dtype)

@@ -81,11 +81,11 @@ def varlen_attention(
         cu_seqlens_q, cu_seqlens_k, _check_max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q),
         _check_max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k), offsets_q, offsets_k,
     )
+    is_causal = checks.check_flag("is_causal", is_causal)
     call = checks.make_call(
         query, key, value, normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
         length_scale=checks.check_length_scale(length_scale, query.shape[1], query.device),
-        scale=checks.check_scale(scale), causal_offset=0 if checks.check_flag("is_causal", is_causal) else None,
-        docs=docs,
+        scale=checks.check_scale(scale), causal_offset=0 if is_causal else None, docs=docs,
     )
     return dispatch.run(call, checks.check_backend(backend))
 

@@ -5,8 +5,12 @@ The code lives in the repository's `attention/`, `kernels/` and `models/` folder
 public API.
 """
 
-from longattn.attention import MultiheadAttention, ScaledDotProductAttention, scaled_dot_product_attention
-from longattn.attention import varlen_attention
+from longattn.attention import (
+    MultiheadAttention,
+    ScaledDotProductAttention,
+    scaled_dot_product_attention,
+    varlen_attention,
+)
 
 __version__ = "0.1.0"
 

@@ -208,7 +208,9 @@ class Attention(nn.Module):
         gqa = self.n_head != self.n_kv_head
         offset = n_keys - x.shape[1]
         y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=offset)
-        weights = None if rows is None else self.weights_of_rows(q, k, bias, offset, [r - start for r in rows])
+        weights = None
+        if rows is not None:
+            weights = self.weights_of_rows(q, k, bias, offset, [r - start for r in rows])
         return self.out_proj(rearrange(y, "b h t d -> b t (h d)")), weights
 
     @torch.no_grad()
@@ -256,7 +258,8 @@ class Transformer(nn.Module):
             if name.endswith(("out_proj.weight", "down.weight")):
                 p.data /= math.sqrt(2 * config.n_layer)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, attention_rows: list[int] | None = None):
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                attention_rows: list[int] | None = None):
         """Token ids `idx` (B, T) -> logits (B, T, vocab). With `cache` (from `new_cache`), `idx`
         continues the tokens already cached, and the cache grows by T. With `attention_rows`
         (positions), returns `(logits, weights)`: per layer, the attention weights of those rows,
@@ -307,7 +310,7 @@ class Transformer(nn.Module):
         torch.save({"config": asdict(self.config), "model": self.state_dict()}, path)
 
     @classmethod
-    def load(cls, path, **overrides) -> "Transformer":
+    def load(cls, path, **overrides) -> Transformer:
         """A saved model; `overrides` replace config fields (e.g. `backend="reference"`)."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         known = {f.name for f in fields(TransformerConfig)}

@@ -8,8 +8,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+from longattn.attention import normalizers
+
 # The paths that run on this machine; each is held to the same oracles.
 CPU_BACKENDS = ["reference", "torch"]
+
+# Every registered normalizer, those that take an alpha at two values: `(normalizer, alpha)`.
+NORMALIZER_CASES = [
+    pytest.param(name, alpha, id=name + (str(alpha) if normalizers.get(name).takes_alpha else ""))
+    for name in normalizers.names()
+    for alpha in ((1.25, 1.5) if normalizers.get(name).takes_alpha else (1.5,))
+]
 
 # Where the Triton kernels run: the interpreter on CPU, or a GPU with TRITON_INTERPRET=0.
 INTERPRET = os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes")

@@ -12,6 +12,7 @@ import longattn
 from longattn.attention import backends, checks, dispatch, normalizers
 from longattn.attention.call import PackedDocs
 from longattn.models import TransformerConfig, needle
+
 from oracles import grads, rel_err
 
 
@@ -42,7 +43,8 @@ REFUSED = [
     # (id, call, words the message must hold)
     ("triton-entmax-mask", lambda q: dict(normalizer="entmax", attn_mask=torch.ones(5, 6, dtype=torch.bool)),
      "backend='triton'.*attn_mask"),
-    ("triton-mask", lambda q: dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), "backend='triton'.*attn_mask"),
+    ("triton-mask", lambda q: dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)),
+     "backend='triton'.*attn_mask"),
     ("triton-dropout", lambda q: dict(dropout_p=0.1), "backend='triton'.*dropout_p"),
 ]
 
@@ -68,7 +70,8 @@ def test_flash_is_refused_with_the_reason():
     """Without flash-attn (or without CUDA) naming it says which extra to install (or what it
     needs); normalizers it has no path for are refused by name, whatever is installed."""
     q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
-    reason = r"(flash-attn is not installed \(pip install 'longattn\[flash\]'\)|flash-attn needs CUDA tensors)"
+    reason = (r"(flash-attn is not installed \(pip install 'longattn\[flash\]'\)"
+              r"|flash-attn needs CUDA tensors)")
     with pytest.raises(ValueError, match=r"backend='flash' cannot run this call: " + reason):
         longattn.scaled_dot_product_attention(q, q, q, is_causal=True, backend="flash")
     for name in ("entmax", "sparsemax"):
@@ -121,7 +124,8 @@ def test_flash_length_factor_is_the_reference_one(causal_offset):
         torch.testing.assert_close(got[cu_q[d]:cu_q[d + 1]], want)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and backends.flash_installed()), reason="needs flash-attn on a GPU")
+@pytest.mark.skipif(not (torch.cuda.is_available() and backends.flash_installed()),
+                    reason="needs flash-attn on a GPU")
 @pytest.mark.parametrize("length_scale", [None, "tensor"])
 @pytest.mark.parametrize("causal_offset", [None, "bottom-right", "wider"])
 def test_flash_matches_reference(length_scale, causal_offset):
@@ -133,7 +137,8 @@ def test_flash_matches_reference(length_scale, causal_offset):
     inputs = [t for t in (q, k, v, s) if t is not None]
     kwargs = dict(enable_gqa=True, causal_offset=offset, length_scale=s)
     out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="flash")
-    ref = longattn.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), **kwargs, backend="reference")
+    ref = longattn.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), **kwargs,
+                                                backend="reference")
     base = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="reference")
     assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-3
     do = torch.randn_like(ref)
@@ -156,7 +161,9 @@ def _quiet(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @pytest.fixture
 def quiet():
-    record = normalizers.register(normalizers.Normalizer("quiet", "softmax + 1 (a test's normalizer)", _quiet))
+    record = normalizers.register(
+        normalizers.Normalizer("quiet", "softmax + 1 (a test's normalizer)", _quiet)
+    )
     yield record
     normalizers.unregister("quiet")
 
@@ -168,7 +175,8 @@ def test_reference_only_normalizer_is_served_by_the_reference(quiet):
     out = longattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, normalizer="quiet",
                                                 backend="reference")
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    z = (q @ kk.transpose(-1, -2) / math.sqrt(8)).masked_fill(~torch.ones(6, 9, dtype=torch.bool).tril(), -math.inf)
+    causal = torch.ones(6, 9, dtype=torch.bool).tril()
+    z = (q @ kk.transpose(-1, -2) / math.sqrt(8)).masked_fill(~causal, -math.inf)
     want = (z.exp() / (1 + z.exp().sum(-1, keepdim=True))) @ vv  # by hand, logits far from overflow
     assert rel_err(out, want) < 1e-12
     do = torch.randn_like(out)
