@@ -181,7 +181,9 @@ def flash_softmax(call: AttentionCall) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if call.length_scale is not None:
         q = (q.float() * _flash_length_factor(call)).to(q.dtype)
-    kwargs = {"softmax_scale": call.scale, "causal": causal, "window_size": window}
+    kwargs = {"softmax_scale": call.scale, "causal": causal}
+    if window != (-1, -1):  # passed only when needed: early FlashAttention 3 builds take no window
+        kwargs["window_size"] = window
     fa3 = importlib.util.find_spec("flash_attn_interface") is not None and call.dropout_p == 0
     if fa3:
         import flash_attn_interface as fa
@@ -202,19 +204,17 @@ def flash_softmax(call: AttentionCall) -> torch.Tensor:
 def _flash_length_factor(call: AttentionCall) -> torch.Tensor:
     """`s_h ln(n_i)` in flash-attn's layout, `(B, Nq, Hq, 1)` or packed `(total_q, Hq, 1)`;
     `n_i` (the keys row i may see) as the causal rule and the documents give it, 1 for none."""
-    device, h_q = call.query.device, call.query.shape[-3] if call.docs is None else call.query.shape[1]
+    device, offset = call.query.device, call.causal_offset
     if call.docs is None:
         rows = torch.arange(call.query.shape[-2], device=device)
         n_k = torch.full_like(rows, call.key.shape[-2])
-        offset = call.causal_offset
     else:  # each row's index within its document, and its document's key count
-        lengths_q = call.docs.cu_seqlens_q.diff().long()
-        doc = torch.repeat_interleave(torch.arange(call.docs.count, device=device), lengths_q)
+        doc = torch.repeat_interleave(torch.arange(call.docs.count, device=device),
+                                      call.docs.cu_seqlens_q.diff().long())
         rows = torch.arange(call.query.shape[0], device=device) - call.docs.cu_seqlens_q[:-1].long()[doc]
         n_k = call.docs.cu_seqlens_k.diff().long()[doc]
-        offset = call.causal_offset
     n = n_k if offset is None else torch.minimum(rows + offset + 1, n_k)
     ln_n = torch.log(n.clamp(min=1).float())
-    s = torch.as_tensor(call.length_scale, dtype=torch.float32, device=device).expand(h_q)
+    s = torch.as_tensor(call.length_scale, dtype=torch.float32, device=device).expand(call.query.shape[1])
     factor = ln_n[:, None] * s[None, :]  # (Nq, Hq)
     return factor.unsqueeze(-1) if call.docs is not None else factor[None, :, :, None]

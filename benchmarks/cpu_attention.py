@@ -5,8 +5,9 @@ package on materialised logits. Prints a markdown table and writes a CSV.
     python benchmarks/cpu_attention.py --lengths 1024 --repeats 3
 
 Times are medians of `--repeats` wall-clock runs after one warm-up (none from N = 16384 on),
-measured side by side in one process; ratios are against SDPA softmax measured in the same run. Peak memory is the
-growth of the peak resident set of a fresh process that runs the case once (`--memory`).
+measured side by side in one process; ratios are against SDPA softmax measured in the same run.
+Peak memory is the growth of the peak resident set of a fresh process that runs the case once
+(`--memory`).
 Inputs are standard normal, so logits `q.k / sqrt(D)` are about N(0, 1). Benchmarks never
 assert timings.
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import longattn
+from longattn.attention import normalizers
 
 # name -> (normalizer, alpha)
 NORMALIZERS = {
@@ -38,6 +40,16 @@ NORMALIZERS = {
 MATERIALISING_MAX_N = 4096
 
 
+def is_plain_softmax(name):
+    """Whether the label `name` is softmax without a length scale, the one setting SDPA computes."""
+    record, _, length_scale = normalizers.canonical(*NORMALIZERS[name], None)
+    return record is normalizers.SOFTMAX and length_scale is None
+
+
+# the label of plain softmax: SDPA's setting, timed first, the baseline of the ratios
+SOFTMAX_LABEL = next(name for name in NORMALIZERS if is_plain_softmax(name))
+
+
 def sdpa(q, k, v, name):
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -49,24 +61,27 @@ def longattn_torch(q, k, v, name):
 
 def longattn_reference(q, k, v, name):
     normalizer, alpha = NORMALIZERS[name]
-    return longattn.scaled_dot_product_attention(q, k, v, normalizer=normalizer, alpha=alpha, backend="reference")
+    return longattn.scaled_dot_product_attention(
+        q, k, v, normalizer=normalizer, alpha=alpha, backend="reference"
+    )
 
 
 def entmax_package(q, k, v, name):
     import entmax
 
     z = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if name == "sparsemax":
+    _, alpha, _ = normalizers.canonical(*NORMALIZERS[name], None)  # entmax, at this alpha
+    if alpha == 2.0:
         p = entmax.sparsemax(z, dim=-1)
-    elif name == "entmax1.5":
+    elif alpha == 1.5:
         p = entmax.entmax15(z, dim=-1)
     else:
-        p = entmax.entmax_bisect(z, alpha=NORMALIZERS[name][1], dim=-1)
+        p = entmax.entmax_bisect(z, alpha=alpha, dim=-1)
     return p @ v
 
 
 PROVIDERS = {
-    "sdpa": (sdpa, ["softmax"]),
+    "sdpa": (sdpa, [SOFTMAX_LABEL]),
     "longattn": (longattn_torch, list(NORMALIZERS)),
     "reference": (longattn_reference, list(NORMALIZERS)),
     "entmax-pkg": (entmax_package, ["sparsemax", "entmax1.5", "entmax1.3"]),
@@ -102,7 +117,8 @@ def median_time(fn, inputs, name, backward, repeats):
 
 def peak_memory_mib(provider, name, b, h, n, d, backward):
     """Growth of the peak RSS of a fresh process that runs the case once."""
-    cmd = [sys.executable, __file__, "--one", provider, name, str(b), str(h), str(n), str(d), str(int(backward))]
+    cmd = [sys.executable, __file__, "--one", provider, name,
+           str(b), str(h), str(n), str(d), str(int(backward))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -148,20 +164,23 @@ def main():
     torch.manual_seed(0)
     b, h, d = args.batch, args.heads, args.head_dim
     rows = []
-    print(f"# CPU attention, B={b} H={h} D={d} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    header = "| N | normalizer | provider | fwd s | fwd / SDPA | fwd+bwd s | fwd+bwd / SDPA | peak MiB fwd+bwd |"
+    print(f"# CPU attention, B={b} H={h} D={d} fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    header = ("| N | normalizer | provider | fwd s | fwd / SDPA | fwd+bwd s | fwd+bwd / SDPA "
+              "| peak MiB fwd+bwd |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for n in args.lengths:
         inputs = make_inputs(b, h, n, d)
-        base = {bw: median_time(sdpa, inputs, "softmax", bw, args.repeats) for bw in (False, True)}
-        for name in ["softmax"] + [x for x in args.normalizers if x != "softmax"]:
+        base = {bw: median_time(sdpa, inputs, SOFTMAX_LABEL, bw, args.repeats) for bw in (False, True)}
+        for name in [SOFTMAX_LABEL] + [x for x in args.normalizers if not is_plain_softmax(x)]:
             for provider, (fn, names) in PROVIDERS.items():
-                if name not in names or (provider == "sdpa" and name != "softmax"):
+                if name not in names or (provider == "sdpa" and not is_plain_softmax(name)):
                     continue
                 if provider in ("reference", "entmax-pkg") and n > MATERIALISING_MAX_N:
                     continue
-                repeats = args.materialised_repeats if provider in ("reference", "entmax-pkg") else args.repeats
+                materialising = provider in ("reference", "entmax-pkg")
+                repeats = args.materialised_repeats if materialising else args.repeats
                 fwd = base[False] if provider == "sdpa" else median_time(fn, inputs, name, False, repeats)
                 both = base[True] if provider == "sdpa" else median_time(fn, inputs, name, True, repeats)
                 mem = float("nan") if args.no_memory else peak_memory_mib(provider, name, b, h, n, d, True)
@@ -183,8 +202,8 @@ def main():
 
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["n", "normalizer", "provider", "fwd_s", "fwd_ratio", "fwdbwd_s",
-                                               "fwdbwd_ratio", "peak_mib"])
+        writer = csv.DictWriter(f, fieldnames=["n", "normalizer", "provider", "fwd_s", "fwd_ratio",
+                                               "fwdbwd_s", "fwdbwd_ratio", "peak_mib"])
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nwrote {args.csv}")

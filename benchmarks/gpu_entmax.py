@@ -34,7 +34,16 @@ import argparse
 import math
 import sys
 
-from gpu_softmax import fmt, fwd_flops, gpu_or_reason, rel_err, run_with_grads, tflops, time_provider, write_csv
+from gpu_softmax import (
+    fmt,
+    fwd_flops,
+    gpu_or_reason,
+    rel_err,
+    run_with_grads,
+    tflops,
+    time_provider,
+    write_csv,
+)
 
 DEVICE, DTYPE = "cuda", None  # DTYPE: torch.bfloat16, set in main() (torch is imported there)
 TOKENS = 16384
@@ -128,7 +137,8 @@ def check_correctness(torch, sdpa):
         k, v = (torch.randn(B, Hkv, N, D, device=DEVICE) for _ in range(2))
         dout = torch.randn(B, Hq, N, D, device=DEVICE)
         s = None if ls is None else torch.rand(Hq, device=DEVICE) + 0.2
-        name = f"B{B}-Hq{Hq}-Hkv{Hkv}-N{N}-D{D}{'-causal' if causal else ''}-a{alpha}{'-scaled' if ls else ''}"
+        name = (f"B{B}-Hq{Hq}-Hkv{Hkv}-N{N}-D{D}{'-causal' if causal else ''}"
+                f"-a{alpha}{'-scaled' if ls else ''}")
         normalizer = {"normalizer": "entmax", "alpha": alpha}
         qb, kb, vb = (t.to(DTYPE) for t in (q, k, v))  # the bf16 inputs, seen exactly by every path
         ref = run_with_grads(sdpa, qb.double(), kb.double(), vb.double(), None if s is None else s.double(),
@@ -144,7 +154,8 @@ def check_correctness(torch, sdpa):
             e_t, e_b = rel_err(t, r), rel_err(b, r)
             ok = math.isfinite(e_t) and e_t <= 2 * e_b + ATOL
             all_ok &= ok
-            print(f"| {name} | {label} | {e_t:.2e} | {e_b:.2e} | {2 * e_b + ATOL:.2e} | {'pass' if ok else 'FAIL'} |")
+            verdict = "pass" if ok else "FAIL"
+            print(f"| {name} | {label} | {e_t:.2e} | {e_b:.2e} | {2 * e_b + ATOL:.2e} | {verdict} |")
         del ref, tri, base
         torch.cuda.empty_cache()
     print(f"\ncorrectness: {'PASS' if all_ok else 'FAIL'}\n")
@@ -162,7 +173,9 @@ def providers(torch, sdpa, alpha):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def longattn_entmax(q, k, v, causal, s=None):
-        return (lambda: sdpa(q, k, v, is_causal=causal, normalizer="entmax", alpha=alpha, backend="triton")), [q, k, v]
+        def fn():
+            return sdpa(q, k, v, is_causal=causal, normalizer="entmax", alpha=alpha, backend="triton")
+        return fn, [q, k, v]
 
     def longattn_softmax(q, k, v, causal, s=None):
         return (lambda: sdpa(q, k, v, is_causal=causal, backend="triton")), [q, k, v]
@@ -214,8 +227,9 @@ def benchmark(torch, sdpa, args):
                             softmax_done[key] = (ms_f, ms_fb)
                         rows.append({"provider": name, "alpha": alpha, "inputs": inputs, "B": B, "H": HEADS,
                                      "N": N, "D": D, "causal": causal, "mean_support": support,
-                                     "visited_tiles": visited, "fwd_ms": ms_f, "fwd_tflops": tflops(flops, ms_f),
-                                     "fwdbwd_ms": ms_fb, "fwdbwd_tflops": tflops(3.5 * flops, ms_fb)})
+                                     "visited_tiles": visited, "fwd_ms": ms_f,
+                                     "fwd_tflops": tflops(flops, ms_f), "fwdbwd_ms": ms_fb,
+                                     "fwdbwd_tflops": tflops(3.5 * flops, ms_fb)})
                     print(f"timed alpha={alpha} N={N} D={D} {inputs}", file=sys.stderr)
                     del q, k, v
                     torch.cuda.empty_cache()

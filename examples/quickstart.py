@@ -1,4 +1,4 @@
-"""Ten lines of longattn: the four normalizers through one call, and a layer with learnable SSMax."""
+"""A few lines of longattn: the four normalizers through one call, and a layer with learnable SSMax."""
 
 import torch
 
@@ -11,4 +11,5 @@ for normalizer in ("softmax", "ssmax", "sparsemax", "entmax"):
 
 attn = longattn.MultiheadAttention(512, num_heads=8, num_kv_heads=2, normalizer="ssmax")  # GQA + SSMax
 x = torch.randn(2, 1024, 512)
-print("MultiheadAttention:", tuple(attn(x, is_causal=True).shape), "learnable s:", tuple(attn.attention.length_scale.shape))
+print("MultiheadAttention:", tuple(attn(x, is_causal=True).shape),
+      "learnable s:", tuple(attn.attention.length_scale.shape))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import longattn
+
 from conftest import CPU_BACKENDS
 from oracles import attention_oracle, grads, rel_err
 

@@ -9,6 +9,7 @@ import torch
 
 import longattn
 from longattn.attention import chunked, reference
+
 from oracles import make_mask, rel_err
 
 SPARSE = [
@@ -38,7 +39,10 @@ def tiny_blocks(monkeypatch):
 
 
 @pytest.mark.usefixtures("nan_empty")
-@pytest.mark.parametrize("normalizer,alpha", SPARSE + [pytest.param("softmax", 1.5, id="softmax"), pytest.param("ssmax", 1.5, id="ssmax")])
+@pytest.mark.parametrize("normalizer,alpha", SPARSE + [
+    pytest.param("softmax", 1.5, id="softmax"),
+    pytest.param("ssmax", 1.5, id="ssmax"),
+])
 @pytest.mark.parametrize("case", BLOCKED)
 @pytest.mark.parametrize("mask_kind", ["bool", "neginf"])
 def test_many_blocks_match_reference(tiny_blocks, normalizer, alpha, case, mask_kind):
@@ -74,7 +78,9 @@ def test_rows_of_8192_keys(normalizer, alpha):
     bias[3, 1:] = float("-inf")
     kwargs = dict(attn_mask=bias, normalizer=normalizer, alpha=alpha, length_scale=s)
     out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="torch")
-    ref = longattn.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), **kwargs, backend="reference")
+    ref = longattn.scaled_dot_product_attention(
+        *(t.double() for t in (q, k, v)), **kwargs, backend="reference"
+    )
     do = torch.randn_like(ref)
     assert rel_err(out, ref) < 1e-5
     grads = torch.autograd.grad(out, (q, k, v, s), do.float())

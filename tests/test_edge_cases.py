@@ -6,14 +6,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import longattn
+
+from conftest import NORMALIZER_CASES
 from oracles import attention_oracle, rel_err
 
 ALL = [
-    pytest.param(dict(normalizer="softmax"), id="softmax"),
-    pytest.param(dict(normalizer="ssmax"), id="ssmax"),
-    pytest.param(dict(normalizer="sparsemax"), id="sparsemax"),
-    pytest.param(dict(normalizer="entmax", alpha=1.5), id="entmax1.5"),
-    pytest.param(dict(normalizer="entmax", alpha=1.25), id="entmax1.25"),
+    pytest.param(dict(normalizer=n, alpha=a), id=c.id) for c in NORMALIZER_CASES for n, a in [c.values]
+] + [
     pytest.param(dict(normalizer="entmax", alpha=1.5, length_scale=0.8), id="entmax1.5-scaled"),
 ]
 
@@ -52,7 +51,9 @@ def test_no_keys_at_all(settings):
     assert out.shape == (1, 2, 3, 5) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
-    empty = longattn.scaled_dot_product_attention(q[:, :, :0], torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), **settings)
+    empty = longattn.scaled_dot_product_attention(
+        q[:, :, :0], torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), **settings
+    )
     assert empty.shape == (1, 2, 0, 5)
 
 

@@ -5,6 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import longattn
+from longattn.attention import normalizers
+
 from conftest import CPU_BACKENDS
 from oracles import attention_oracle, make_mask, rel_err
 
@@ -13,8 +15,8 @@ from oracles import attention_oracle, make_mask, rel_err
 def problems(draw):
     B, Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
     Nq, Nk, D, Dv = (draw(st.integers(1, 12)) for _ in range(4))
-    normalizer = draw(st.sampled_from(["softmax", "ssmax", "sparsemax", "entmax"]))
-    alpha = draw(st.floats(1.05, 2.0)) if normalizer == "entmax" else 1.5
+    normalizer = draw(st.sampled_from(normalizers.names()))
+    alpha = draw(st.floats(1.05, 2.0)) if normalizers.get(normalizer).takes_alpha else 1.5
     mask_kind = draw(st.sampled_from([None, "bool", "float", "neginf"]))
     mask_shape = draw(st.sampled_from([(Nq, Nk), (B, 1, Nq, Nk), (1, Hkv * group, 1, Nk)]))
     return dict(

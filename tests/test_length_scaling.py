@@ -30,7 +30,9 @@ def _row_by_row(q, k, v, s, normalizer, alpha, allowed, bias, scale):
     return out
 
 
-@pytest.mark.parametrize("normalizer,alpha", [("ssmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5), ("entmax", 1.3)])
+@pytest.mark.parametrize(
+    "normalizer,alpha", [("ssmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5), ("entmax", 1.3)]
+)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_length_scaling_by_the_formula(normalizer, alpha, is_causal, backend):
     H, Nq, Nk, D = 3, 9, 12, 5
@@ -41,7 +43,8 @@ def test_length_scaling_by_the_formula(normalizer, alpha, is_causal, backend):
     bias[4, 5:] = float("-inf")  # a row with 5 keys (4 under the causal mask)
     bias[0, 1:] = float("-inf")  # causal row 0 keeps key 0, n = 1: ln(1) = 0, weight 1
     out = longattn.scaled_dot_product_attention(
-        q, k, v, bias, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s, backend=backend
+        q, k, v, bias, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s,
+        backend=backend,
     )
     allowed = bias != float("-inf")
     if is_causal:
@@ -66,4 +69,6 @@ def test_ssmax_sharpens_with_length():
             ).item()
     assert weights["softmax", 4096] < 0.05 < 0.5 < weights["ssmax", 4096]
     # softmax: e^3 / (e^3 + (n-1) e^-2), in closed form
-    assert math.isclose(weights["softmax", 16], math.exp(3) / (math.exp(3) + 15 * math.exp(-2)), rel_tol=1e-12)
+    assert math.isclose(
+        weights["softmax", 16], math.exp(3) / (math.exp(3) + 15 * math.exp(-2)), rel_tol=1e-12
+    )

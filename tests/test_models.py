@@ -3,10 +3,11 @@ forward (SSMax's n_i and ALiBi included), checkpoints, and bad configs."""
 
 import pytest
 import torch
-from conftest import INTERPRET
 
 from longattn.models import Transformer, TransformerConfig
 from longattn.models.transformer import POSITIONAL, rotate
+
+from conftest import INTERPRET
 
 # (normalizer, alpha, length_scale): every normalizer, and a length-scaled sparse one
 ATTENTION = [

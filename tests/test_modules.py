@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import longattn
+
 from oracles import attention_oracle, rel_err
 
 
@@ -22,7 +23,9 @@ def test_sdpa_layer_is_a_drop_in_for_torch_sdpa():
 @pytest.mark.parametrize("normalizer,alpha", [("ssmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5)])
 def test_length_scale_parameter_learns(normalizer, alpha):
     length_scale = None if normalizer == "ssmax" else 0.5
-    layer = longattn.ScaledDotProductAttention(normalizer, num_heads=4, alpha=alpha, length_scale=length_scale)
+    layer = longattn.ScaledDotProductAttention(
+        normalizer, num_heads=4, alpha=alpha, length_scale=length_scale
+    )
     assert isinstance(layer.length_scale, torch.nn.Parameter) and layer.length_scale.shape == (4,)
     assert torch.all(layer.length_scale == (1.0 if length_scale is None else length_scale))
     q, k, v = (torch.randn(1, 4, 7, 8, dtype=torch.float64) for _ in range(3))
@@ -45,7 +48,9 @@ def test_fixed_length_scale():
 @pytest.mark.parametrize("normalizer", ["softmax", "entmax"])
 def test_multihead_attention_by_hand(num_kv_heads, normalizer):
     torch.manual_seed(1)
-    mha = longattn.MultiheadAttention(32, 4, num_kv_heads=num_kv_heads, normalizer=normalizer, bias=True).double()
+    mha = longattn.MultiheadAttention(
+        32, 4, num_kv_heads=num_kv_heads, normalizer=normalizer, bias=True
+    ).double()
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     out = mha(x, is_causal=True)
     assert out.shape == (2, 11, 32)

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 import longattn
-from longattn.models import TaskConfig, Transformer, TransformerConfig, make_batch
-from longattn.models import needle, probe
+from longattn.models import TaskConfig, Transformer, TransformerConfig, make_batch, needle, probe
 from longattn.models.tasks import IGNORE
-
 
 # ---------------------------------------------------------------------------------------------
 # Probe

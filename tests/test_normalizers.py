@@ -1,10 +1,15 @@
 """Sparsemax and alpha-entmax against the `entmax` package on materialised logits, and every
 normalizer (length-scaled too) against the float64 oracle: outputs and every gradient."""
 
+import inspect
+import textwrap
+
 import pytest
 import torch
 
 import longattn
+
+from conftest import NORMALIZER_CASES
 from oracles import attention_oracle, case_id, grads, make_mask, rel_err
 
 NORMALIZERS = [
@@ -65,7 +70,9 @@ def test_sparse_outputs_are_sparse(backend):
     k = torch.randn(1, 1, 64, 16, dtype=torch.float64)
     v = torch.eye(64, dtype=torch.float64).view(1, 1, 64, 64)  # output row = attention weights
     for normalizer, alpha in (("sparsemax", 2.0), ("entmax", 1.5), ("entmax", 1.25)):
-        p = longattn.scaled_dot_product_attention(q, k, v, normalizer=normalizer, alpha=alpha, backend=backend)
+        p = longattn.scaled_dot_product_attention(
+            q, k, v, normalizer=normalizer, alpha=alpha, backend=backend
+        )
         assert (p == 0).sum() > 0 and (p > 0).sum() > 1
         assert abs(p.sum().item() - 1) < 1e-12
     p = longattn.scaled_dot_product_attention(q, k, v)
@@ -88,7 +95,9 @@ def test_length_scaled_match_oracle(normalizer, alpha, s, shape, backend):
     """Gradients include the one of a per-head `s` tensor."""
     if s == "tensor":
         s = 0.2 + torch.rand(shape[1], dtype=torch.float64)
-    out, ref, g_out, g_ref = _run(shape, normalizer, alpha, torch.float64, backend, length_scale=s, logit_gain=1.0)
+    out, ref, g_out, g_ref = _run(
+        shape, normalizer, alpha, torch.float64, backend, length_scale=s, logit_gain=1.0
+    )
     assert rel_err(out, ref) < 1e-10
     for g, gr in zip(g_out, g_ref):
         assert rel_err(g, gr) < 1e-10
@@ -107,3 +116,45 @@ def test_half_inputs_accumulate_in_float32(normalizer, alpha, dtype):
     assert rel_err(out, ref) <= 2 * rel_err(base, ref) + 1e-3
     for g, gb, gr in zip(g_out, g_base, g_ref):
         assert rel_err(g, gr) <= 2 * rel_err(gb, gr) + 1e-3
+
+
+def _docstring_attention():
+    """The "equivalent to" code of `scaled_dot_product_attention`'s docstring, run as written."""
+    doc = inspect.getdoc(longattn.scaled_dot_product_attention)
+    block = doc.split("::\n\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith(" "):
+            break  # the prose after the block
+        lines.append(line)
+    namespace = {}
+    exec(textwrap.dedent("\n".join(lines)), namespace)
+    return namespace["attention"]
+
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv, mask kind, is_causal, causal_offset, length scale)
+DOC_CASES = [
+    (2, 2, 2, 7, 9, 8, 5, None, False, None, None),
+    (1, 4, 2, 9, 9, 8, 8, "neginf", True, None, "tensor"),  # GQA, causal with a -inf float mask
+    (2, 2, 1, 6, 11, 4, 4, "bool", False, 5, 0.6),  # bottom-right causal offset, fully masked rows
+    (1, 2, 2, 8, 5, 8, 3, "float", False, -2, None),  # rows before the first key
+]
+
+
+@pytest.mark.parametrize("normalizer,alpha", NORMALIZER_CASES)
+@pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: case_id(*c[:7], causal=c[8], mask=c[7]))
+def test_docstring_code_is_the_reference(normalizer, alpha, case):
+    """The docstring's equivalent code equals the reference backend in float64, to 1e-10."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, mask_kind, is_causal, offset, s = case
+    q = 2 * torch.randn(B, Hq, Nq, D, dtype=torch.float64)
+    k, v = torch.randn(B, Hkv, Nk, D, dtype=torch.float64), torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
+    mask = make_mask(mask_kind, (B, 1, Nq, Nk))
+    if mask is not None:
+        mask[:, :, 1] = False if mask.dtype == torch.bool else float("-inf")  # a row with no key
+    s = 0.3 + torch.rand(Hq, dtype=torch.float64) if s == "tensor" else s
+    kwargs = dict(attn_mask=mask, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s,
+                  causal_offset=offset)
+    got = _docstring_attention()(q, k, v, **kwargs)
+    ref = longattn.scaled_dot_product_attention(q, k, v, **kwargs, enable_gqa=Hq != Hkv, backend="reference")
+    assert got.isfinite().all()
+    assert rel_err(got, ref) < 1e-10

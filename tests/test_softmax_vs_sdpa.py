@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import longattn
+
 from oracles import case_id, grads, make_mask, rel_err, sdpa_oracle
 
 # (B, Hq, Hkv, Nq, Nk, D, Dv, is_causal, mask kind, mask shape, scale)
@@ -102,7 +103,9 @@ def test_triton_backend_through_the_api(case, length_scale):
     from oracles import attention_oracle
 
     (q, k, v), kwargs = _inputs(case, torch.float32)
-    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, length_scale=length_scale, backend="triton")
+    out = longattn.scaled_dot_product_attention(
+        q, k, v, **kwargs, length_scale=length_scale, backend="triton"
+    )
     kwargs.pop("enable_gqa")
     ref = attention_oracle(q, k, v, **kwargs, length_scale=length_scale)
     do = torch.randn_like(ref)
