@@ -73,13 +73,13 @@ def _triton_limits(call: AttentionCall) -> str:
     return ""
 
 
-def flash_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None or importlib.util.find_spec(
-        "flash_attn_interface") is not None
+# Looked up once (find_spec imports nothing), so `verify` stays traceable by torch.compile.
+FLASH_ATTN_2 = importlib.util.find_spec("flash_attn") is not None
+FLASH_ATTN_3 = importlib.util.find_spec("flash_attn_interface") is not None  # Hopper's build
 
 
 def _flash_limits(call: AttentionCall) -> str:
-    if not flash_installed():
+    if not (FLASH_ATTN_2 or FLASH_ATTN_3):
         return "flash-attn is not installed (pip install 'longattn[flash]')"
     if call.query.device.type != "cuda":
         return f"flash-attn needs CUDA tensors; got {call.query.device}"
@@ -87,6 +87,8 @@ def _flash_limits(call: AttentionCall) -> str:
         return f"flash-attn takes float16 or bfloat16; got {call.query.dtype}"
     if call.attn_mask is not None:
         return "attn_mask is not supported by flash-attn (is_causal and causal_offset are)"
+    if call.dropout_p > 0 and not FLASH_ATTN_2:
+        return "dropout_p > 0 needs flash-attn 2 (FlashAttention 3's interface has no dropout)"
     d, dv = call.head_dims
     if d != dv or d > FLASH_MAX_HEAD_DIM:
         return f"flash-attn needs one head dim of at most {FLASH_MAX_HEAD_DIM} for q, k and v; got {d}, {dv}"
@@ -184,8 +186,7 @@ def flash_softmax(call: AttentionCall) -> torch.Tensor:
     kwargs = {"softmax_scale": call.scale, "causal": causal}
     if window != (-1, -1):  # passed only when needed: early FlashAttention 3 builds take no window
         kwargs["window_size"] = window
-    fa3 = importlib.util.find_spec("flash_attn_interface") is not None and call.dropout_p == 0
-    if fa3:
+    if FLASH_ATTN_3 and call.dropout_p == 0:
         import flash_attn_interface as fa
     else:
         import flash_attn as fa

@@ -38,10 +38,14 @@ def check_backend(name) -> str:
     return check_choice("backend", name, BACKEND_CHOICES)
 
 
-def check_causal_offset(causal_offset) -> int | None:
+def check_causal(is_causal, causal_offset) -> int | None:
+    """SDPA's flag and the offset as longattn's one encoding of causality: None (no causal
+    mask) or the offset, key j allowed for row i iff `j <= i + offset`; `is_causal` is 0, SDPA's
+    top-left, and an offset implies causal."""
+    is_causal = check_flag("is_causal", is_causal)
     if causal_offset is not None and (not isinstance(causal_offset, int) or isinstance(causal_offset, bool)):
         raise TypeError(f"causal_offset must be None or an int; got {type(causal_offset).__name__}")
-    return causal_offset
+    return 0 if causal_offset is None and is_causal else causal_offset
 
 
 def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale, scale: float | None,

@@ -107,10 +107,7 @@ def scaled_dot_product_attention(
     """
     checks.check_qkv(query, key, value, checks.check_flag("enable_gqa", enable_gqa))
     checks.check_mask(attn_mask, query, key)
-    is_causal = checks.check_flag("is_causal", is_causal)
-    causal_offset = checks.check_causal_offset(causal_offset)
-    if causal_offset is None and is_causal:
-        causal_offset = 0  # SDPA's top-left alignment
+    causal_offset = checks.check_causal(is_causal, causal_offset)
     call = checks.make_call(
         _batched(query), _batched(key), _batched(value),
         normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
@@ -137,17 +134,14 @@ def attention_weights(
 ) -> torch.Tensor:
     """The attention weights `p` of :func:`scaled_dot_product_attention` (no dropout), computed
     by the reference: ``(B, Hq, Nq, Nk)`` (or ``(Hq, Nq, Nk)``) in float32, or float64 for
-    float64 inputs; rows sum to 1, and a row with no key to attend to is 0. It builds the score
+    float64 inputs; a row with no key to attend to is 0. It builds the score
     matrix, so it is for inspecting and measuring attention (a study's rows), not for long
     sequences. Arguments as :func:`scaled_dot_product_attention`."""
-    value = key[..., :1]  # only its shape is read: the head dims check
-    checks.check_qkv(query, key, value, checks.check_flag("enable_gqa", enable_gqa))
+    checks.check_qkv(query, key, key, checks.check_flag("enable_gqa", enable_gqa))  # no value: key stands in
     checks.check_mask(attn_mask, query, key)
-    causal_offset = checks.check_causal_offset(causal_offset)
-    if causal_offset is None and checks.check_flag("is_causal", is_causal):
-        causal_offset = 0
+    causal_offset = checks.check_causal(is_causal, causal_offset)
     call = checks.make_call(
-        _batched(query), _batched(key), _batched(value), normalizer=checks.check_normalizer(normalizer),
+        _batched(query), _batched(key), _batched(key), normalizer=checks.check_normalizer(normalizer),
         alpha=checks.check_alpha(alpha), scale=checks.check_scale(scale), causal_offset=causal_offset,
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
         attn_mask=attn_mask,

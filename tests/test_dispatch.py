@@ -124,7 +124,7 @@ def test_flash_length_factor_is_the_reference_one(causal_offset):
         torch.testing.assert_close(got[cu_q[d]:cu_q[d + 1]], want)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and backends.flash_installed()),
+@pytest.mark.skipif(not (torch.cuda.is_available() and (backends.FLASH_ATTN_2 or backends.FLASH_ATTN_3)),
                     reason="needs flash-attn on a GPU")
 @pytest.mark.parametrize("length_scale", [None, "tensor"])
 @pytest.mark.parametrize("causal_offset", [None, "bottom-right", "wider"])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import longattn
+from longattn.attention import normalizers
 
 from oracles import attention_oracle, rel_err
 
@@ -22,7 +23,7 @@ def test_sdpa_layer_is_a_drop_in_for_torch_sdpa():
 
 @pytest.mark.parametrize("normalizer,alpha", [("ssmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5)])
 def test_length_scale_parameter_learns(normalizer, alpha):
-    length_scale = None if normalizer == "ssmax" else 0.5
+    length_scale = None if normalizers.get(normalizer).length_scaled else 0.5
     layer = longattn.ScaledDotProductAttention(
         normalizer, num_heads=4, alpha=alpha, length_scale=length_scale
     )

@@ -158,3 +158,19 @@ def test_docstring_code_is_the_reference(normalizer, alpha, case):
     ref = longattn.scaled_dot_product_attention(q, k, v, **kwargs, enable_gqa=Hq != Hkv, backend="reference")
     assert got.isfinite().all()
     assert rel_err(got, ref) < 1e-10
+
+
+@pytest.mark.parametrize("normalizer,alpha", NORMALIZER_CASES)
+def test_attention_weights_are_the_rows_behind_the_output(normalizer, alpha):
+    """`attention_weights` times V is the output; its rows sum to 1, and to 0 where a row has no
+    key; unbatched inputs give unbatched weights."""
+    q = torch.randn(2, 4, 6, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 9, 8, dtype=torch.float64), torch.randn(2, 2, 9, 5, dtype=torch.float64)
+    kwargs = dict(enable_gqa=True, causal_offset=-1, normalizer=normalizer, alpha=alpha, length_scale=0.7)
+    p = longattn.attention.attention_weights(q, k, **kwargs)
+    out = longattn.scaled_dot_product_attention(q, k, v, **kwargs, backend="reference")
+    assert p.shape == (2, 4, 6, 9) and p.dtype == torch.float64
+    assert rel_err(p @ v.repeat_interleave(2, 1), out) < 1e-12
+    sums = p.sum(-1)
+    assert (sums[:, :, 0] == 0).all() and torch.allclose(sums[:, :, 1:], torch.ones_like(sums[:, :, 1:]))
+    torch.testing.assert_close(longattn.attention.attention_weights(q[0], k[0], **kwargs), p[0])
