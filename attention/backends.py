@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.common import MAX_HEAD_DIM as TRITON_MAX_HEAD_DIM  # host side only: compiles no kernel
 from . import reference
 from .call import AttentionCall
 
-# The Triton kernels' largest head dim (`kernels/common.py` has the same number as MAX_HEAD_DIM;
-# importing it here would compile the kernel helpers before a user sets TRITON_INTERPRET).
-TRITON_MAX_HEAD_DIM = 256
 FLASH_MAX_HEAD_DIM = 256
 
 

@@ -1,10 +1,13 @@
-"""Helpers shared by the kernel families: tile loads and stores, block sizes, dot precision."""
+"""The host side both kernel families share (the `@triton.jit` side is `kernels/program.py`):
+block sizes and dot precision, the launch arguments (shapes, strides, the causal offset, the
+length-scale vector, the heuristics' flags), the checks of what the kernels cannot do, the
+shapes the custom ops' fake implementations return, and the autograd functions' bookkeeping
+(the varlen trailing arguments, the gradient of the length scale)."""
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 # Padded head dims stay at least 16: tl.dot needs every block dim >= 16 on tensor cores.
 MIN_BLOCK = 16
@@ -47,28 +50,142 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@triton.jit
-def load_tile(ptrs, mask_rows, mask_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    """A 2-D tile, zero-filled past the end; masked only along dims that may run past it."""
-    if EVEN_ROWS and EVEN_COLS:
-        tile = tl.load(ptrs)
-    elif EVEN_ROWS:
-        tile = tl.load(ptrs, mask=mask_cols[None, :], other=0.0)
-    elif EVEN_COLS:
-        tile = tl.load(ptrs, mask=mask_rows[:, None], other=0.0)
-    else:
-        tile = tl.load(ptrs, mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
-    return tile
+# ----------------------------------------------------------------------------------------------
+# Launch arguments
+# ----------------------------------------------------------------------------------------------
+
+# Flags derived from the arguments, for `@triton.heuristics`: the common case compiles without
+# masks or dead branches.
+HEURISTICS = {
+    # Varlen: the sequences are the documents of one packed batch, their offsets and lengths
+    # read from cu_seqlens in-kernel, so no length is known to divide a block.
+    "IS_VARLEN": lambda args: args["cu_seqlens_q"] is not None,
+    "EVEN_M": lambda args: args["cu_seqlens_q"] is None and args["Nq"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["cu_seqlens_q"] is None and args["Nk"] % args["BLOCK_N"] == 0,
+    "EVEN_D": lambda args: args["D"] == args["BLOCK_D"] and args["Dv"] == args["BLOCK_DV"],
+    "HAS_LENGTH_SCALE": lambda args: args["s"] is not None,
+}
 
 
-@triton.jit
-def store_tile(ptrs, tile, mask_rows, mask_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    """Stores a 2-D tile, skipping elements past the end (masked only where needed)."""
-    if EVEN_ROWS and EVEN_COLS:
-        tl.store(ptrs, tile)
-    elif EVEN_ROWS:
-        tl.store(ptrs, tile, mask=mask_cols[None, :])
-    elif EVEN_COLS:
-        tl.store(ptrs, tile, mask=mask_rows[:, None])
-    else:
-        tl.store(ptrs, tile, mask=mask_rows[:, None] & mask_cols[None, :])
+def length_scale_vector(length_scale, num_heads: int, device) -> torch.Tensor | None:
+    """None, a float, or a `()` / `(Hq,)` tensor -> None or a contiguous `(Hq,)` fp32 tensor."""
+    if length_scale is None:
+        return None
+    s = torch.as_tensor(length_scale, dtype=torch.float32, device=device).detach()
+    return s.expand(num_heads).contiguous()
+
+
+def causal_args(causal_offset: int | None, Nq: int, Nk: int) -> tuple[bool, int]:
+    """`(IS_CAUSAL, offset)`. Without the mask every row sees every key, as with an offset of Nk:
+    the kernels' bounds then need no branch. Clamping to [-Nq, Nk] changes no row and keeps the
+    kernels' index arithmetic in int32."""
+    if causal_offset is None:
+        return False, Nk
+    return True, max(-Nq, min(int(causal_offset), Nk))
+
+
+def shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """`(B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk)`. Varlen (`cu_seqlens_q` given): `q` is
+    `(total_q, Hq, D)`, `v` `(total_k, Hkv, Dv)`; B counts the documents, Nq and Nk are the packed
+    lengths (the kernels read each document's own), and the grids span the longest document."""
+    if cu_seqlens_q is None:
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
+        return B, Hq, Nq, D, Hkv, Nk, Dv, Nq, Nk
+    (Nq, Hq, D), (Nk, Hkv, Dv) = q.shape, v.shape
+    return cu_seqlens_q.numel() - 1, Hq, Nq, D, Hkv, Nk, Dv, max_seqlen_q, max_seqlen_k
+
+
+def strides(t: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """Strides in the kernels' (B, H, N, D) order. A packed `(total, H, D)` tensor has batch
+    stride 0: its documents are placed by cu_seqlens, not by the batch index."""
+    return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else t.stride()
+
+
+def forward_shapes(q, v, varlen: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of the forward's output and of each per-row statistic (lse, row max, tau):
+    `(B, Hq, Nq, Dv)` and `(B, Hq, Nq)`, or in varlen mode `(total_q, Hq, Dv)` and
+    `(Hq, total_q)`. For the launchers and the custom ops' fake implementations alike."""
+    if varlen:
+        Nq, Hq, _ = q.shape
+        return (Nq, Hq, v.shape[-1]), (Hq, Nq)
+    B, Hq, Nq, _ = q.shape
+    return (B, Hq, Nq, v.shape[-1]), (B, Hq, Nq)
+
+
+def length_scale_grad_from_rows(ds_row: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """ds_h from each row's share (the dQ kernels' `ds_row`), summed on the host so that the
+    result is deterministic: `(Hq,)` from `(B, Hq, Nq)` or varlen's `(Hq, total_q)`."""
+    return ds_row.sum(dim=1) if varlen else ds_row.sum(dim=(0, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks, custom ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def check_inputs(q, k, v, varlen: bool = False) -> None:
+    """What the kernels cannot do; the general argument checks live in `attention/checks.py`.
+    The heads are dim 1 in both layouts, (B, H, N, D) and varlen's (total, H, D)."""
+    ndim, layout = (3, "(total, H, D)") if varlen else (4, "(B, H, N, D)")
+    if not q.dim() == k.dim() == v.dim() == ndim:
+        raise ValueError(f"q, k, v must be {layout}; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dims must be at most {MAX_HEAD_DIM}; got D={q.shape[-1]}, Dv={v.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The logit scale, `D ** -0.5` unless given."""
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def op_length_scale_grad(q: torch.Tensor, ds: torch.Tensor | None) -> torch.Tensor:
+    """A custom op cannot return None: an empty ds stands for "no length scale"."""
+    return q.new_empty(0, dtype=torch.float32) if ds is None else ds
+
+
+def fake_gradients(q, k, v, length_scale):
+    """What a backward op returns, as its fake implementation: `dq`, `dk`, `dv` like the inputs
+    and the `(Hq,)` fp32 `ds` (empty without length scaling)."""
+    ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+
+
+def save_varlen_args(ctx, varlen: tuple) -> tuple:
+    """An autograd function's trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k)` in varlen mode and none otherwise: keeps the max lengths on `ctx` and returns
+    the cu_seqlens, to be saved with the tensors."""
+    ctx.max_seqlens = varlen[2:]
+    return varlen[:2]
+
+
+def varlen_launch_args(ctx, cu_seqlens) -> tuple:
+    """The saved varlen arguments, in the launchers' order (empty in dense mode)."""
+    return (*cu_seqlens, *ctx.max_seqlens)
+
+
+def varlen_no_grads(ctx, cu_seqlens) -> tuple:
+    """The trailing varlen arguments' gradients: None each."""
+    return (None,) * (len(cu_seqlens) + len(ctx.max_seqlens))
+
+
+def save_length_scale_meta(ctx, length_scale) -> None:
+    """Remembers a tensor length scale's shape and dtype, for `length_scale_grad`."""
+    ctx.length_scale_meta = None
+    if torch.is_tensor(length_scale):
+        ctx.length_scale_meta = (length_scale.shape, length_scale.dtype)
+
+
+def length_scale_grad(ctx, ds: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    """The gradient of the length scale as given (a `()` or `(Hq,)` tensor) from the kernels'
+    `(Hq,)` fp32 `ds`; None for a float or None, or when autograd does not need it."""
+    if ctx.length_scale_meta is None or not needed:
+        return None
+    shape, dtype = ctx.length_scale_meta
+    return ds.sum_to_size(shape).to(dtype)  # () sums over heads

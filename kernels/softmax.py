@@ -26,21 +26,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_HEAD_DIM, dot_precision, load_tile, padded_dim, store_tile, tile_config
+from .common import (
+    HEURISTICS,
+    causal_args,
+    check_inputs,
+    default_scale,
+    dot_precision,
+    fake_gradients,
+    forward_shapes,
+    length_scale_grad,
+    length_scale_grad_from_rows,
+    length_scale_vector,
+    op_length_scale_grad,
+    padded_dim,
+    save_length_scale_meta,
+    save_varlen_args,
+    shapes,
+    strides,
+    tile_config,
+    varlen_launch_args,
+    varlen_no_grads,
+)
+from .common import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: longattn.kernels.softmax.MAX_HEAD_DIM
+from .program import (
+    allowed_keys,
+    head_row,
+    key_end,
+    load_tile,
+    program_prologue,
+    row_scales,
+    sequence_offset,
+    store_tile,
+)
 
 LOG2E = tl.constexpr(math.log2(math.e))  # logits go to base 2 so the kernels can use exp2
 LN2 = tl.constexpr(math.log(2.0))
-
-# Flags derived from the arguments: the common case compiles without masks or dead branches.
-_HEURISTICS = {
-    # Varlen: the sequences are the documents of one packed batch, their offsets and lengths
-    # read from cu_seqlens in-kernel, so no length is known to divide a block.
-    "IS_VARLEN": lambda args: args["cu_seqlens_q"] is not None,
-    "EVEN_M": lambda args: args["cu_seqlens_q"] is None and args["Nq"] % args["BLOCK_M"] == 0,
-    "EVEN_N": lambda args: args["cu_seqlens_q"] is None and args["Nk"] % args["BLOCK_N"] == 0,
-    "EVEN_D": lambda args: args["D"] == args["BLOCK_D"] and args["Dv"] == args["BLOCK_DV"],
-    "HAS_LENGTH_SCALE": lambda args: args["s"] is not None,
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,51 +69,7 @@ _HEURISTICS = {
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _row_scales(s, i_h, offs_m, Nk, scale, causal_offset,
-                BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr):
-    """Per-row logit factor `scale * f_i` (f_i = s_h ln(n_i), or 1) and, for the gradient of s,
-    `scale * ln(n_i)`; both [BM]. Rows that see no key use n_i = 1 (they are masked anyway)."""
-    f_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
-    ln_n = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_LENGTH_SCALE:
-        n_keys = tl.minimum(offs_m + causal_offset + 1, Nk)
-        ln_n = tl.log(tl.maximum(n_keys, 1).to(tl.float32))
-        f_scale = f_scale * tl.load(s + i_h) * ln_n
-    return f_scale, scale * ln_n
-
-
-@triton.jit
-def _doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
-    """Varlen: document `i_doc`'s first query row and first key in the packed sequences (int64)
-    and its numbers of queries and keys."""
-    bos_q = tl.load(cu_seqlens_q + i_doc)
-    bos_k = tl.load(cu_seqlens_k + i_doc)
-    len_q = tl.load(cu_seqlens_q + i_doc + 1) - bos_q
-    len_k = tl.load(cu_seqlens_k + i_doc + 1) - bos_k
-    return bos_q.to(tl.int64), bos_k.to(tl.int64), len_q, len_k
-
-
-@triton.jit
-def _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M: tl.constexpr):
-    """One past the last key any row of query block `i_m` may see: later key blocks are skipped."""
-    end = tl.minimum((i_m + 1) * BLOCK_M, Nq) + causal_offset
-    return tl.maximum(tl.minimum(end, Nk), 0)
-
-
-@triton.jit
-def _allowed(offs_m, offs_n, Nk, causal_offset, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
-    """[BM, BN] (or [1, BN]) mask of the keys each row may see."""
-    if IS_CAUSAL:
-        allowed = offs_n[None, :] <= offs_m[:, None] + causal_offset
-        if not EVEN_N:
-            allowed = allowed & (offs_n[None, :] < Nk)
-    else:
-        allowed = offs_n[None, :] < Nk
-    return allowed
-
-
-@triton.heuristics(_HEURISTICS)
+@triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_fwd_kernel(
     q, k, v, o, lse, s, cu_seqlens_q, cu_seqlens_k,
@@ -108,22 +84,15 @@ def softmax_attention_fwd_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // Hq, i_bh % Hq  # varlen: i_b is the document (the batch strides are 0)
-    i_hkv = i_h // GROUP  # GQA: the group's K/V are read in place, never repeated
-    q += i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    k += i_b.to(tl.int64) * stride_kb + i_hkv.to(tl.int64) * stride_kh
-    v += i_b.to(tl.int64) * stride_vb + i_hkv.to(tl.int64) * stride_vh
-    o += i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    if IS_VARLEN:  # lse is (1, Hq, total_q): Nq is the packed length until it becomes the doc's
-        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
-        lse += i_h.to(tl.int64) * Nq + bos_q
-        Nq, Nk = len_q, len_k
-        if i_m * BLOCK_M >= Nq:
-            return
-        q += bos_q * stride_qm
-        o += bos_q * stride_om
-        k += bos_k * stride_kn
-        v += bos_k * stride_vn
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, BLOCK_M, False, IS_VARLEN)
+    if done:
+        return
+    q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
+    k += sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn)
+    v += sequence_offset(i_b, i_hkv, bos_k, stride_vb, stride_vh, stride_vn)
+    o += sequence_offset(i_b, i_h, bos_q, stride_ob, stride_oh, stride_om)
+    lse += row
 
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -137,20 +106,20 @@ def softmax_attention_fwd_kernel(
 
     p_q = q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
-    f_scale, _ = _row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+    f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
     row_scale = f_scale * LOG2E  # [BM], logits in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(z - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(0, _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
+    for start_n in range(0, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
         mask_n = start_n + offs_n < Nk
         b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
         b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
         # [BM, BN] = [BM, BD] @ [BD, BN]
         z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * row_scale[:, None]
         if IS_CAUSAL or not EVEN_N:
-            z = tl.where(_allowed(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), z,
+            z = tl.where(allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), z,
                          float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         # A row with no allowed key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
@@ -169,8 +138,6 @@ def softmax_attention_fwd_kernel(
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     store_tile(p_o, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
     b_lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    if not IS_VARLEN:
-        lse += i_bh.to(tl.int64) * Nq
     tl.store(lse + offs_m, b_lse, mask=mask_m)
 
 
@@ -184,18 +151,20 @@ def softmax_attention_bwd_preprocess_kernel(
 ):
     """delta_i = sum_d dO_id O_id, the row term of the softmax gradient."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // Hq, i_bh % Hq
+    # row-wise, so varlen runs it over the packed rows as one sequence: never IS_VARLEN
+    i_b, i_h, _, bos_q, _, _, _, row, _ = program_prologue(
+        i_m, i_bh, None, None, Hq, 1, Nq, 0, BLOCK_M, False, False)
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < Nq)[:, None] & (offs_dv < Dv)[None, :]
     offs_m64 = offs_m.to(tl.int64)
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh \
+    p_o = o + sequence_offset(i_b, i_h, bos_q, stride_ob, stride_oh, stride_om) \
         + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
-    p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh \
+    p_do = do + sequence_offset(i_b, i_h, bos_q, stride_dob, stride_doh, stride_dom) \
         + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     b_o = tl.load(p_o, mask=mask, other=0.0).to(tl.float32)
     b_do = tl.load(p_do, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta + i_bh.to(tl.int64) * Nq + offs_m, tl.sum(b_o * b_do, 1), mask=offs_m < Nq)
+    tl.store(delta + row + offs_m, tl.sum(b_o * b_do, 1), mask=offs_m < Nq)
 
 
 @triton.jit
@@ -207,7 +176,7 @@ def _load_row_stats(lse, delta, offs_m, mask_m):
     return b_lse, b_delta
 
 
-@triton.heuristics(_HEURISTICS)
+@triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dkdv(
     q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
@@ -226,19 +195,11 @@ def softmax_attention_bwd_kernel_dkdv(
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hkv = i_bh // Hkv, i_bh % Hkv
-    if IS_VARLEN:  # lse, delta are (1, Hq, total_q): row of head h is h * total_q + bos_q + i
-        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
-        stride_lse_h = Nq
-        Nq, Nk = len_q, len_k
-        if i_n * BLOCK_N >= Nk:
-            return
-        q += bos_q * stride_qm
-        do += bos_q * stride_dom
-        k += bos_k * stride_kn
-        v += bos_k * stride_vn
-        dk += bos_k * stride_dkn
-        dv += bos_k * stride_dvn
+    stride_rows_h = Nq  # a head's rows in lse, delta: (B, Hq, Nq), or (Hq, total_q) in varlen mode
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, _row, done = program_prologue(
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, BLOCK_N, True, IS_VARLEN)
+    if done:
+        return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -248,9 +209,9 @@ def softmax_attention_bwd_kernel_dkdv(
     offs_q = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     offs_do = offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
 
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hkv.to(tl.int64) * stride_kh \
+    p_k = k + sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn) \
         + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hkv.to(tl.int64) * stride_vh \
+    p_v = v + sequence_offset(i_b, i_hkv, bos_k, stride_vb, stride_vh, stride_vn) \
         + offs_n64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     b_k = load_tile(p_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
     b_v = load_tile(p_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
@@ -260,22 +221,19 @@ def softmax_attention_bwd_kernel_dkdv(
     # The first query row that sees key j0 = i_n * BLOCK_N is j0 - causal_offset.
     start_m = tl.maximum(i_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
     for i_g in range(GROUP):
-        i_h = i_hkv * GROUP + i_g  # a tensor, like the program ids, so .to(tl.int64) applies
-        q_h = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh \
+        i_h = i_h0 + i_g  # a tensor, like the program ids, so .to(tl.int64) applies
+        q_h = q + sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm) \
             + start_m.to(tl.int64) * stride_qm
-        do_h = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh \
+        do_h = do + sequence_offset(i_b, i_h, bos_q, stride_dob, stride_doh, stride_dom) \
             + start_m.to(tl.int64) * stride_dom
-        if IS_VARLEN:
-            row_h = i_h.to(tl.int64) * stride_lse_h + bos_q
-        else:
-            row_h = (i_b * Hq + i_h).to(tl.int64) * Nq  # row offset into lse / delta
+        row_h = head_row(i_b, i_h, Hq, stride_rows_h, bos_q, IS_VARLEN)  # row offset into lse / delta
         for m0 in range(start_m, Nq, BLOCK_M):
             rows = m0 + offs_m
             mask_m = rows < Nq
             b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
             b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
             b_lse, b_delta = _load_row_stats(lse + row_h, delta + row_h, rows, mask_m)
-            f_scale, _ = _row_scales(s, i_h, rows, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+            f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
             # [BN, BM] = [BN, BD] @ [BD, BM]
             qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
             p_t = tl.exp2(qk_t * (f_scale * LOG2E)[None, :] - b_lse[None, :])
@@ -291,15 +249,15 @@ def softmax_attention_bwd_kernel_dkdv(
             q_h += BLOCK_M * stride_qm
             do_h += BLOCK_M * stride_dom
 
-    p_dk = dk + i_b.to(tl.int64) * stride_dkb + i_hkv.to(tl.int64) * stride_dkh \
+    p_dk = dk + sequence_offset(i_b, i_hkv, bos_k, stride_dkb, stride_dkh, stride_dkn) \
         + offs_n64[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    p_dv = dv + i_b.to(tl.int64) * stride_dvb + i_hkv.to(tl.int64) * stride_dvh \
+    p_dv = dv + sequence_offset(i_b, i_hkv, bos_k, stride_dvb, stride_dvh, stride_dvn) \
         + offs_n64[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
     store_tile(p_dk, b_dk.to(dk.dtype.element_ty), mask_n, mask_d, EVEN_N, EVEN_D)
     store_tile(p_dv, b_dv.to(dv.dtype.element_ty), mask_n, mask_dv, EVEN_N, EVEN_D)
 
 
-@triton.heuristics(_HEURISTICS)
+@triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dq(
     q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
@@ -317,21 +275,12 @@ def softmax_attention_bwd_kernel_dq(
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // Hq, i_bh % Hq
-    i_hkv = i_h // GROUP
-    if IS_VARLEN:  # lse, delta, ds_row are (1, Hq, total_q)
-        bos_q, bos_k, len_q, len_k = _doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
-        row = i_h.to(tl.int64) * Nq + bos_q
-        Nq, Nk = len_q, len_k
-        if i_m * BLOCK_M >= Nq:
-            return
-        q += bos_q * stride_qm
-        do += bos_q * stride_dom
-        dq += bos_q * stride_dqm
-        k += bos_k * stride_kn
-        v += bos_k * stride_vn
-    k += i_b.to(tl.int64) * stride_kb + i_hkv.to(tl.int64) * stride_kh
-    v += i_b.to(tl.int64) * stride_vb + i_hkv.to(tl.int64) * stride_vh
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, BLOCK_M, False, IS_VARLEN)
+    if done:
+        return
+    k += sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn)
+    v += sequence_offset(i_b, i_hkv, bos_k, stride_vb, stride_vh, stride_vn)
 
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -342,28 +291,26 @@ def softmax_attention_bwd_kernel_dq(
     offs_k = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     offs_v = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
 
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh \
+    p_q = q + sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm) \
         + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    p_do = do + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh \
+    p_do = do + sequence_offset(i_b, i_h, bos_q, stride_dob, stride_doh, stride_dom) \
         + offs_m64[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
-    if not IS_VARLEN:
-        row = i_bh.to(tl.int64) * Nq
     b_lse, b_delta = _load_row_stats(lse + row, delta + row, offs_m, mask_m)
-    f_scale, ln_scale = _row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+    f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
     row_scale = f_scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
-    for start_n in range(0, _key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
+    for start_n in range(0, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
         mask_n = start_n + offs_n < Nk
         b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
         b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
         p = tl.exp2(qk * row_scale[:, None] - b_lse[:, None])
         if IS_CAUSAL or not EVEN_N:
-            p = tl.where(_allowed(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), p, 0.0)
+            p = tl.where(allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), p, 0.0)
         dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN] = [BM, BDV] @ [BDV, BN]
         dz = p * (dp - b_delta[:, None])
         b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
@@ -373,7 +320,7 @@ def softmax_attention_bwd_kernel_dq(
         k += BLOCK_N * stride_kn
         v += BLOCK_N * stride_vn
 
-    p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh \
+    p_dq = dq + sequence_offset(i_b, i_h, bos_q, stride_dqb, stride_dqh, stride_dqm) \
         + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)
     if HAS_LENGTH_SCALE:
@@ -383,41 +330,6 @@ def softmax_attention_bwd_kernel_dq(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _length_scale_vector(length_scale, num_heads: int, device) -> torch.Tensor | None:
-    """None, a float, or a `()` / `(Hq,)` tensor -> None or a contiguous `(Hq,)` fp32 tensor."""
-    if length_scale is None:
-        return None
-    s = torch.as_tensor(length_scale, dtype=torch.float32, device=device).detach()
-    return s.expand(num_heads).contiguous()
-
-
-def _causal_args(causal_offset: int | None, Nq: int, Nk: int) -> tuple[bool, int]:
-    """`(IS_CAUSAL, offset)`. Without the mask every row sees every key, as with an offset of Nk:
-    the kernels' bounds then need no branch. Clamping to [-Nq, Nk] changes no row and keeps the
-    kernels' index arithmetic in int32."""
-    if causal_offset is None:
-        return False, Nk
-    return True, max(-Nq, min(int(causal_offset), Nk))
-
-
-def _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """`(B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk)`. Varlen (`cu_seqlens_q` given): `q` is
-    `(total_q, Hq, D)`, `v` `(total_k, Hkv, Dv)`; B counts the documents, Nq and Nk are the packed
-    lengths (the kernels read each document's own), and the grids span the longest document."""
-    if cu_seqlens_q is None:
-        B, Hq, Nq, D = q.shape
-        Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
-        return B, Hq, Nq, D, Hkv, Nk, Dv, Nq, Nk
-    (Nq, Hq, D), (Nk, Hkv, Dv) = q.shape, v.shape
-    return cu_seqlens_q.numel() - 1, Hq, Nq, D, Hkv, Nk, Dv, max_seqlen_q, max_seqlen_k
-
-
-def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    """Strides in the kernels' (B, H, N, D) order. A packed `(total, H, D)` tensor has batch
-    stride 0: its documents are placed by cu_seqlens, not by the batch index."""
-    return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else t.stride()
 
 
 def softmax_attention_fwd(
@@ -437,22 +349,19 @@ def softmax_attention_fwd(
     keys counted from its start (so `causal_offset` applies per document). Returns `out`
     (total_q, Hq, Dv) and `lse` (Hq, total_q)."""
     varlen = cu_seqlens_q is not None
-    B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    if varlen:
-        out = torch.empty(Nq, Hq, Dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(Hq, Nq, dtype=torch.float32, device=q.device)
-    else:
-        out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    out_shape, row_shape = forward_shapes(q, v, varlen)
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(row_shape, dtype=torch.float32, device=q.device)
     if B * Hq * grid_nq == 0:
         return out, lse
-    is_causal, offset = _causal_args(causal_offset, Nq, Nk)
+    is_causal, offset = causal_args(causal_offset, Nq, Nk)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
     softmax_attention_fwd_kernel[grid](
-        q, k, v, out, lse, _length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+        q, k, v, out, lse, length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
+        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, DOT_PRECISION=dot_precision(q.dtype),
@@ -474,9 +383,9 @@ def softmax_attention_bwd(
     gradient of the `(Hq,)` length scale in fp32 (None without length scaling). Varlen as in
     `softmax_attention_fwd`, the tensors in its packed layouts."""
     varlen = cu_seqlens_q is not None
-    B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = _shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    is_causal, offset = _causal_args(causal_offset, Nq, Nk)
-    s = _length_scale_vector(length_scale, Hq, q.device)
+    B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    is_causal, offset = causal_args(causal_offset, Nq, Nk)
+    s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
@@ -490,7 +399,7 @@ def softmax_attention_bwd(
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     if delta.numel() > 0:
         softmax_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, BLOCK_HELD), delta.numel() // Nq)](
-            out, do, delta, *_strides(out, varlen), *_strides(do, varlen), Hq, Nq, Dv,
+            out, do, delta, *strides(out, varlen), *strides(do, varlen), Hq, Nq, Dv,
             BLOCK_M=BLOCK_HELD, BLOCK_DV=BLOCK_DV,
         )
         if dlse is not None:  # d lse_i / d z_ij = P_ij: folds into the row term
@@ -501,8 +410,8 @@ def softmax_attention_bwd(
     if B * Hkv * grid_nk > 0:
         softmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, BLOCK_HELD), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-            *_strides(dk, varlen), *_strides(dv, varlen),
+            *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
+            *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
             BLOCK_M=BLOCK_STREAMED, BLOCK_N=BLOCK_HELD, **common,
         )
@@ -512,14 +421,12 @@ def softmax_attention_bwd(
     if B * Hq * grid_nq * D > 0:
         softmax_attention_bwd_kernel_dq[(triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)](
             q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-            *_strides(dq, varlen),
+            *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
+            *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
         )
-    if s is None:
-        return dq, dk, dv, None
-    return dq, dk, dv, ds_row.sum(dim=1) if varlen else ds_row.sum(dim=(0, 2))
+    return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,11 +447,8 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _(q, k, v, scale, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
       max_seqlen_q=0, max_seqlen_k=0):
-    if cu_seqlens_q is not None:  # varlen: (total_q, Hq, Dv) and (Hq, total_q)
-        Nq, Hq, _ = q.shape
-        return q.new_empty(Nq, Hq, v.shape[-1]), q.new_empty(Hq, Nq, dtype=torch.float32)
-    B, Hq, Nq, _ = q.shape
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+    out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
+    return q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("longattn::softmax_attention_bwd", mutates_args=())
@@ -557,15 +461,13 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    # A custom op cannot return None: an empty ds stands for "no length scale".
-    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if ds is None else ds
+    return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
-    ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+    return fake_gradients(q, k, v, length_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,13 +482,11 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal_offset, length_scale, *varlen):
-        s = _length_scale_vector(length_scale, q.shape[1], q.device)
+        s = length_scale_vector(length_scale, q.shape[1], q.device)
         out, lse = torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen)
-        ctx.save_for_backward(q, k, v, out, lse, s, *varlen[:2])
-        ctx.scale, ctx.causal_offset, ctx.max_seqlens = scale, causal_offset, varlen[2:]
-        ctx.length_scale_meta = None
-        if torch.is_tensor(length_scale):
-            ctx.length_scale_meta = (length_scale.shape, length_scale.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, s, *save_varlen_args(ctx, varlen))
+        ctx.scale, ctx.causal_offset = scale, causal_offset
+        save_length_scale_meta(ctx, length_scale)
         ctx.set_materialize_grads(False)  # so an unused lse costs nothing in the backward
         return out, lse
 
@@ -596,13 +496,11 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse, *cu_seqlens, *ctx.max_seqlens
+            dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
+            *varlen_launch_args(ctx, cu_seqlens),
         )
-        d_length_scale = None
-        if ctx.length_scale_meta is not None and ctx.needs_input_grad[5]:
-            shape, dtype = ctx.length_scale_meta
-            d_length_scale = ds.sum_to_size(shape).to(dtype)  # () sums over heads
-        return dq, dk, dv, None, None, d_length_scale, *(None,) * (len(cu_seqlens) + len(ctx.max_seqlens))
+        d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[5])
+        return dq, dk, dv, None, None, d_length_scale, *varlen_no_grads(ctx, cu_seqlens)
 
 
 def softmax_attention(
@@ -636,8 +534,8 @@ def softmax_attention(
         `(B, Hq, Nq, Dv)` in q's dtype (and the lse). A row with no key gives 0 (lse -inf) and
         gradient 0.
     """
-    _check_inputs(q, k, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    check_inputs(q, k, v)
+    scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
     out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale)
@@ -674,26 +572,11 @@ def softmax_varlen_attention(
         `(total_q, Hq, Dv)` in q's dtype (and the lse). Document d's queries see document d's
         keys only; a row with no key gives 0 (lse -inf) and gradient 0.
     """
-    _check_inputs(q, k, v, varlen=True)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    check_inputs(q, k, v, varlen=True)
+    scale = default_scale(q, scale)
     out, lse = SoftmaxAttentionFunction.apply(
         q, k, v, scale, 0 if is_causal else None, length_scale,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
     )
     return (out, lse) if return_lse else out
 
-
-def _check_inputs(q, k, v, varlen: bool = False) -> None:
-    """What the kernels cannot do; the general argument checks live in `attention/checks.py`.
-    The heads are dim 1 in both layouts, (B, H, N, D) and varlen's (total, H, D)."""
-    ndim, layout = (3, "(total, H, D)") if varlen else (4, "(B, H, N, D)")
-    if not q.dim() == k.dim() == v.dim() == ndim:
-        raise ValueError(f"q, k, v must be {layout}; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"head dims must be at most {MAX_HEAD_DIM}; got D={q.shape[-1]}, Dv={v.shape[-1]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")

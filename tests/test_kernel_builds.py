@@ -54,9 +54,12 @@ class _Pointer:
 
 
 def _kernels(module):
-    """`{name: (public object, the object whose run() a launch reaches)}` for each kernel launched
-    from `module`: `kernel[grid](...)` goes through `@triton.heuristics` (which adds its flags
-    to the keyword arguments) down to the JIT or interpreted function's `run`."""
+    """`{name: (public object, the object whose run() a launch reaches)}` for each Triton function
+    in `module`'s namespace, where its launchers find every kernel they launch (a family's
+    kernels may be defined in modules of their own and imported): `kernel[grid](...)` goes
+    through `@triton.heuristics` (which adds its flags to the keyword arguments) down to the JIT
+    or interpreted function's `run`. The `@triton.jit` helpers are listed too; they are never
+    launched."""
     found = {}
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.KernelInterface):
@@ -92,7 +95,7 @@ def record_launches(module, call, dtype_names, capability):
     for name, args, kwargs in launches:
         fn = _kernels(module)[name][1].fn  # the python function under the JIT / interpreter
         arg_names = list(inspect.signature(fn).parameters)
-        bound = dict(zip(arg_names, args))
+        bound = dict(zip(arg_names, args, strict=False))  # the rest come as keywords
         bound.update({k: v for k, v in kwargs.items() if k in arg_names})
         options = {k: v for k, v in kwargs.items() if k not in arg_names}
         for dtype_name in dtype_names:
@@ -134,6 +137,18 @@ def _module(family):
     import importlib
 
     return importlib.import_module(f"longattn.kernels.{family}")
+
+
+def _kernel_modules():
+    """Every module of `longattn.kernels`: the family modules and those they import kernels and
+    helpers from."""
+    import importlib
+    import pkgutil
+
+    import longattn.kernels as package
+
+    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
+    return [importlib.import_module(f"{package.__name__}.{name}") for name in names]
 
 
 def build(family, name, bound, options, capability):
@@ -255,7 +270,7 @@ def builds(tmp_path_factory):
         ) as pool:
             futures = [pool.submit(build, *job) for job in jobs]
             results, failures = [], []
-            for job, future in zip(jobs, futures):
+            for job, future in zip(jobs, futures, strict=True):
                 try:
                     results.append(future.result())
                 except Exception as e:  # reported together below, with the configuration
@@ -281,8 +296,11 @@ def _summary(rows):
 
 
 def test_every_launched_kernel_was_built(builds):
+    """Every kernel of every kernel module was launched by the launchers and built. A kernel is
+    a Triton function that reads `tl.program_id`: the helpers (`kernels/program.py`'s prologue
+    too) are handed the program ids."""
     launched = {r["kernel"] for r in builds}
-    jitted = {name for family in ("softmax", "entmax") for name, (_, inner) in _kernels(_module(family)).items()
+    jitted = {name for module in _kernel_modules() for name, (_, inner) in _kernels(module).items()
               if "tl.program_id" in inspect.getsource(inner.fn)}
     assert launched == jitted, f"kernels never launched by the launchers: {jitted - launched}"
     assert {r["sm"] for r in builds} == set(SHARED_LIMIT)

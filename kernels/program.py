@@ -1,0 +1,143 @@
+"""The `@triton.jit` building blocks every program of both kernel families is made of: the
+prologue that places a program on its sequence (dense or a varlen document), the per-row logit
+scales, the key range and mask of the causal rule, and masked tile loads and stores.
+
+Helpers are inlined into the kernels that call them: splitting a kernel into them adds no call.
+They take the program ids as arguments rather than reading them: a kernel is a function that
+reads `tl.program_id` (tests/test_kernel_builds.py finds the kernels that way).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
+    """Varlen: document `i_doc`'s first query row and first key in the packed sequences (int64)
+    and its numbers of queries and keys."""
+    bos_q = tl.load(cu_seqlens_q + i_doc)
+    bos_k = tl.load(cu_seqlens_k + i_doc)
+    len_q = tl.load(cu_seqlens_q + i_doc + 1) - bos_q
+    len_k = tl.load(cu_seqlens_k + i_doc + 1) - bos_k
+    return bos_q.to(tl.int64), bos_k.to(tl.int64), len_q, len_k
+
+
+@triton.jit
+def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk,
+                     BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where the program with ids `(i_blk, i_bh)` works: the one prologue of every kernel.
+
+    A query-block program (forward, dQ; `KEY_BLOCKS` false) holds block `i_blk` of the rows of
+    query head `i_h`, `i_bh` counting (batch, query head) and `H = Hq`. A key-block program
+    (dK/dV) holds block `i_blk` of the keys of KV head `i_hkv`, `i_bh` counting (batch, KV head)
+    and `H = Hkv`; its `i_h` is the group's first query head. In varlen mode the batch index is
+    the document (the batch strides are 0).
+
+    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done)`:
+    - `bos_q`, `bos_k`: the sequence's first query row and key in the packed layout (int64; 0
+      when dense), for the base pointers (`sequence_offset`);
+    - `Nq`, `Nk`: the sequence's lengths (the document's in varlen mode);
+    - `row`: head `i_h`'s first row in the per-row statistics (`head_row`);
+    - `done`: the block starts past the document's end (the grid spans the longest document; a
+      dense grid has no such block), so the program returns at once."""
+    i_b, i_hh = i_bh // H, i_bh % H
+    if KEY_BLOCKS:
+        i_hkv = i_hh
+        i_h = i_hkv * GROUP
+    else:
+        i_h = i_hh
+        i_hkv = i_h // GROUP  # GQA: the group's K/V are read in place, never repeated
+    bos_q = 0
+    bos_k = 0
+    done = False
+    if IS_VARLEN:  # Nq is the packed length until it becomes the document's
+        bos_q, bos_k, len_q, len_k = doc_span(cu_seqlens_q, cu_seqlens_k, i_b)
+        done = i_blk * BLOCK >= (len_k if KEY_BLOCKS else len_q)
+        row = head_row(i_b, i_h, None, Nq, bos_q, True)  # no batch dim: Hq is not needed
+        Nq, Nk = len_q, len_k
+    elif KEY_BLOCKS:
+        row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
+    else:
+        row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
+    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done
+
+
+@triton.jit
+def head_row(i_b, i_h, Hq, Nq, bos_q, IS_VARLEN: tl.constexpr):
+    """The offset of (batch `i_b`, head `i_h`)'s first row in the per-row statistics (lse, delta,
+    row max, tau): `(B, Hq, Nq)`, or in varlen mode `(Hq, total_q)`, `Nq` the packed length
+    `total_q` and `bos_q` the document's first row."""
+    if IS_VARLEN:
+        row = i_h.to(tl.int64) * Nq + bos_q
+    else:
+        row = (i_b * Hq + i_h).to(tl.int64) * Nq
+    return row
+
+
+@triton.jit
+def sequence_offset(i_b, i_h, bos, stride_b, stride_h, stride_n):
+    """The int64 offset of the first row `bos` of (batch `i_b`, head `i_h`)'s sequence: cast
+    before multiplying by the strides, so large tensors do not overflow int32."""
+    return i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h + bos * stride_n
+
+
+@triton.jit
+def row_scales(s, i_h, offs_m, Nk, scale, causal_offset,
+               BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr):
+    """Per-row logit factor `scale * f_i` (f_i = s_h ln(n_i), or 1) and, for the gradient of s,
+    `scale * ln(n_i)`; both [BM]. Rows that see no key use n_i = 1 (they are masked anyway)."""
+    f_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
+    ln_n = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_LENGTH_SCALE:
+        n_keys = tl.minimum(offs_m + causal_offset + 1, Nk)
+        ln_n = tl.log(tl.maximum(n_keys, 1).to(tl.float32))
+        f_scale = f_scale * tl.load(s + i_h) * ln_n
+    return f_scale, scale * ln_n
+
+
+@triton.jit
+def key_end(i_m, Nq, Nk, causal_offset, BLOCK_M: tl.constexpr):
+    """One past the last key any row of query block `i_m` may see: later key blocks are skipped."""
+    end = tl.minimum((i_m + 1) * BLOCK_M, Nq) + causal_offset
+    return tl.maximum(tl.minimum(end, Nk), 0)
+
+
+@triton.jit
+def allowed_keys(offs_m, offs_n, Nk, causal_offset, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    """[BM, BN] (or [1, BN]) mask of the keys each row may see."""
+    if IS_CAUSAL:
+        allowed = offs_n[None, :] <= offs_m[:, None] + causal_offset
+        if not EVEN_N:
+            allowed = allowed & (offs_n[None, :] < Nk)
+    else:
+        allowed = offs_n[None, :] < Nk
+    return allowed
+
+
+@triton.jit
+def load_tile(ptrs, mask_rows, mask_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """A 2-D tile, zero-filled past the end; masked only along dims that may run past it."""
+    if EVEN_ROWS and EVEN_COLS:
+        tile = tl.load(ptrs)
+    elif EVEN_ROWS:
+        tile = tl.load(ptrs, mask=mask_cols[None, :], other=0.0)
+    elif EVEN_COLS:
+        tile = tl.load(ptrs, mask=mask_rows[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def store_tile(ptrs, tile, mask_rows, mask_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Stores a 2-D tile, skipping elements past the end (masked only where needed)."""
+    if EVEN_ROWS and EVEN_COLS:
+        tl.store(ptrs, tile)
+    elif EVEN_ROWS:
+        tl.store(ptrs, tile, mask=mask_cols[None, :])
+    elif EVEN_COLS:
+        tl.store(ptrs, tile, mask=mask_rows[:, None])
+    else:
+        tl.store(ptrs, tile, mask=mask_rows[:, None] & mask_cols[None, :])
