@@ -150,6 +150,8 @@ def main():
     parser.add_argument("--materialised-repeats", type=int, default=1,
                         help="repeats for the reference and the entmax package, which are slow")
     parser.add_argument("--normalizers", nargs="+", default=list(NORMALIZERS), choices=list(NORMALIZERS))
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS),
+                        help="what to time (SDPA, the baseline of the ratios, always runs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     parser.add_argument("--long", type=int, default=32768, help="length of the memory run at H=2 (0: skip)")
     parser.add_argument("--csv", default="benchmarks/results/cpu_attention.csv")
@@ -175,6 +177,8 @@ def main():
         base = {bw: median_time(sdpa, inputs, SOFTMAX_LABEL, bw, args.repeats) for bw in (False, True)}
         for name in [SOFTMAX_LABEL] + [x for x in args.normalizers if not is_plain_softmax(x)]:
             for provider, (fn, names) in PROVIDERS.items():
+                if provider not in args.providers:
+                    continue
                 if name not in names or (provider == "sdpa" and not is_plain_softmax(name)):
                     continue
                 if provider in ("reference", "entmax-pkg") and n > MATERIALISING_MAX_N:

@@ -13,6 +13,7 @@ from longattn.attention import backends, checks, dispatch, normalizers
 from longattn.attention.call import PackedDocs
 from longattn.models import TransformerConfig, needle
 
+from conftest import KERNEL_DEVICE
 from oracles import grads, rel_err
 
 
@@ -26,6 +27,24 @@ def test_auto_picks_the_torch_path_on_cpu():
     for name in normalizers.names():
         assert dispatch.select(_call(q, q, q, normalizer=name), "auto") is backends.TORCH
     assert dispatch.select(_call(q, q, q), "reference") is backends.REFERENCE
+
+
+@pytest.mark.parametrize("normalizer,alpha", [("sparsemax", 1.5), ("entmax", 1.5), ("entmax", 1.7)])
+def test_triton_through_the_public_function(normalizer, alpha):
+    """backend="triton" reaches the kernels (sparsemax as alpha 2) with the same values as the
+    kernel entry; a mask is refused with the reason."""
+    from longattn.kernels import entmax as kem
+
+    q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    q, k, v = q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), v.to(KERNEL_DEVICE)
+    out = longattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                normalizer=normalizer, alpha=alpha, backend="triton")
+    _, kernel_alpha, _ = normalizers.canonical(normalizer, alpha, None)
+    assert kernel_alpha == (2.0 if normalizer == "sparsemax" else alpha)
+    assert torch.equal(out, kem.entmax_attention(q, k, v, alpha=kernel_alpha, is_causal=True))
+    with pytest.raises(ValueError, match="backend='triton'.*attn_mask"):
+        longattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(11, 11, dtype=torch.bool),
+                                              enable_gqa=True, normalizer=normalizer, backend="triton")
 
 
 def test_canonical_forms():

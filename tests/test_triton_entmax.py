@@ -365,18 +365,3 @@ def test_torch_compile_fullgraph():
     do = torch.randn_like(results[1])
     got, expected = (torch.autograd.grad(r, (q, k, v, s), do) for r in results)
     torch.testing.assert_close(got, expected)
-
-
-@pytest.mark.parametrize("normalizer,alpha", [("sparsemax", 1.5), ("entmax", 1.5), ("entmax", 1.7)])
-def test_dispatch_through_the_public_function(normalizer, alpha):
-    """backend="triton" reaches the kernels (sparsemax as alpha 2) with the same values as the
-    kernel entry; a mask or dropout is refused with the reason."""
-    q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
-    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    out = longattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
-                                                normalizer=normalizer, alpha=alpha, backend="triton")
-    direct = kem.entmax_attention(q, k, v, alpha=2.0 if normalizer == "sparsemax" else alpha, is_causal=True)
-    assert torch.equal(out, direct)
-    with pytest.raises(ValueError, match="backend='triton'.*attn_mask"):
-        longattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(11, 11, dtype=torch.bool),
-                                              enable_gqa=True, normalizer=normalizer, backend="triton")
