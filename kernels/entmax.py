@@ -138,6 +138,13 @@ def entmax_attention_fwd(
         # 8 warps capped ptxas at 128 registers here and spilled 8-56 bytes on sm_80 (the tile
         # flags' branches keep more alive than softmax's loop); 4 warps take 198-208, no spill.
         num_warps = 4
+    capability = device_capability(q.device)
+    if (varlen and capability is not None and capability < 90 and q.dtype != torch.float32
+            and max(BLOCK_D, BLOCK_DV) <= 64):
+        # Varlen before Hopper, D <= 64 in 16 bits: 4 warps left a 24-byte stack frame on sm_80
+        # (alpha 1.25, causal, length scaling; 168 registers); 8 warps take 123, none. The
+        # blocks, which the tile flags refer to, stay.
+        num_warps = 8
     entmax_attention_fwd_kernel[(triton.cdiv(grid_nq, BLOCK_M), B * Hq)](
         q, k, v, out, row_max, tau, tile_flags, length_scale_vector(length_scale, Hq, q.device),
         cu_seqlens_q, cu_seqlens_k,
@@ -207,17 +214,24 @@ def entmax_attention_bwd(
     # spilled 8-16 bytes on sm_80 for every alpha (u and the support test keep more alive than
     # softmax's p). sm_90 keeps 64, which its warpgroup MMA needs and which builds without spills
     # there (tests/test_kernel_builds.py checks both).
-    keys_held = BLOCK_HELD
+    keys_held, rows_streamed = BLOCK_HELD, BLOCK_STREAMED
     capability = device_capability(q.device)
     if (capability is not None and capability < 90 and q.dtype != torch.float32
             and max(BLOCK_D, BLOCK_DV) <= 64):
         keys_held = 32
+    # Varlen on Hopper, D = 128 in 16 bits: dK/dV spilled 8 bytes at 255 registers (alpha 1.25,
+    # causal, length scaling) with 4 or 8 warps and 1-3 stages alike; streaming 16 query rows
+    # rather than 32 takes 216, none, and keeps wgmma (64 keys held). 16 divides the flags'
+    # FLAG_BLOCK_M rows, so the flags still cover each streamed tile.
+    if (varlen and capability is not None and capability >= 90 and q.dtype != torch.float32
+            and max(BLOCK_D, BLOCK_DV) == 128):
+        rows_streamed = 16
     if B * Hkv * grid_nk > 0:
         entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
             q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
             *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
-            BLOCK_M=BLOCK_STREAMED, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
+            BLOCK_M=rows_streamed, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
             **common,
         )
     return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen)

@@ -241,6 +241,6 @@ def test_register_refuses_bad_records():
 
 def test_readme_states_the_capability_tables():
     """The README's backends section shows exactly what the registry serves
-    (`python -m longattn.attention.dispatch` prints it)."""
+    (`longattn.attention.dispatch.capability_table()`)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert dispatch.capability_table() in readme

@@ -7,9 +7,13 @@ The launches are not hard-coded. The public launchers (`softmax_attention_fwd` /
 `entmax_attention_fwd` / `_bwd`) run on small CPU tensors, told which GPU generation they serve
 (`device_capability`), with each kernel's launch replaced by a recorder, so whatever arguments,
 constexpr switches, heuristics and `num_warps` / `num_stages` they pass today are what gets
-built. Each recorded argument is specialised as Triton's JIT does at a real launch (see
-`_specialise`), then compiled by `triton.compile` in worker processes that import the kernels
-with TRITON_INTERPRET=0 (the interpreter's kernels cannot be compiled) and a fresh cache.
+built. Both modes are built: dense `(B, H, N, D)` launches (`_cases`) and varlen ones
+(`_varlen_cases`: packed `(total, H, D)` inputs of uneven documents with `cu_seqlens_q` /
+`cu_seqlens_k`, so IS_VARLEN is set and EVEN_M / EVEN_N are not), whose per-document bounds
+cost registers of their own and which get some launch choices of their own. Each recorded
+argument is specialised as Triton's JIT does at a real launch (see `_specialise`), then
+compiled by `triton.compile` in worker processes that import the kernels with
+TRITON_INTERPRET=0 (the interpreter's kernels cannot be compiled) and a fresh cache.
 Run with `-s` to see the table of registers, shared and local memory per build.
 """
 
@@ -35,6 +39,7 @@ import triton
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 HEAD_DIMS = [64, 128]
 LENGTHS = {"even": 4096, "uneven": 1000}  # 1000 is a multiple of neither block (64, 32)
+DOCUMENTS = (300, 1000, 77)  # varlen: 3 packed documents of uneven lengths
 TORCH_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
                 torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
                 torch.uint8: "u8", torch.bool: "i1"}
@@ -200,7 +205,7 @@ def build(family, name, bound, options, capability):
 
 
 def _cases():
-    """`(family, D, N, causal, length scaling, alpha, dtypes)` of each launcher run: the
+    """`(family, D, N, causal, length scaling, alpha, dtypes)` of each dense launcher run: the
     dispatcher's choices (tile_config, the heuristics' EVEN_* and ALPHA_* flags) follow from
     these. For softmax, even lengths cover the whole grid; the uneven length (the masked loads
     and the key-bound mask) runs in fp16 only and without length scaling: the dtype changes no
@@ -219,22 +224,49 @@ def _cases():
         yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
 
 
+def _varlen_cases():
+    """The same tuples for varlen runs (`DOCUMENTS` packed, IS_VARLEN; EVEN_M / EVEN_N are then
+    always False): the kernels read each document's bounds from cu_seqlens, which keeps more
+    alive than the dense runs. Each switch once per head dim and family (causal and not, length
+    scaling and not; each entmax alpha variant), mostly fp16, bf16 where a case has no twin."""
+    docs = DOCUMENTS
+    for d in HEAD_DIMS:
+        yield "softmax", d, docs, False, True, None, ["fp16", "bf16"]
+        yield "softmax", d, docs, True, False, None, ["fp16"]
+        yield "entmax", d, docs, False, False, 2.0, ["fp16"]
+        yield "entmax", d, docs, True, True, 1.5, ["bf16"]
+        yield "entmax", d, docs, True, True, 1.25, ["fp16"]
+        yield "entmax", d, docs, False, True, 1.25, ["fp16"]
+
+
 def _launcher_call(family, d, n, causal, scaled, alpha):
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
-    runtime value rather than the constexpr 1 that Hq == Hkv gives."""
+    runtime value rather than the constexpr 1 that Hq == Hkv gives. `n` is a length (dense
+    `(1, H, n, d)` inputs) or a tuple of document lengths (varlen: packed `(total, H, d)` inputs,
+    cu_seqlens the same for queries and keys)."""
     module = _module(family)
 
     def call():
-        q = torch.zeros(1, 2, n, d, dtype=torch.float16)
-        kv = torch.zeros(1, 1, n, d, dtype=torch.float16)
+        varlen = ()
+        if isinstance(n, tuple):
+            total = sum(n)
+            cu = torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
+            q = torch.zeros(total, 2, d, dtype=torch.float16)
+            kv = torch.zeros(total, 1, d, dtype=torch.float16)
+            varlen = (cu, cu, max(n), max(n))
+        else:
+            q = torch.zeros(1, 2, n, d, dtype=torch.float16)
+            kv = torch.zeros(1, 1, n, d, dtype=torch.float16)
         s = torch.full((2,), 0.43) if scaled else None
         offset = 0 if causal else None
         if family == "softmax":
-            out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s)
-            module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s)
+            out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s, *varlen)
+            module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s, None, *varlen)
         else:
-            out, row_max, tau, flags = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s)
-            module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, flags, d ** -0.5, alpha, offset, s)
+            out, row_max, tau, flags = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s,
+                                                                   *varlen)
+            module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, flags, d ** -0.5, alpha, offset, s,
+                                        *varlen)
     return call
 
 
@@ -249,7 +281,7 @@ def builds(tmp_path_factory):
         pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
     launches = []
     for sm in SHARED_LIMIT:
-        for family, d, n, causal, scaled, alpha, dtype_names in _cases():
+        for family, d, n, causal, scaled, alpha, dtype_names in (*_cases(), *_varlen_cases()):
             call = _launcher_call(family, d, n, causal, scaled, alpha)
             launches += [(family, *b, sm) for b in record_launches(_module(family), call, dtype_names, sm)]
     unique = {}
