@@ -47,7 +47,7 @@ class ScaledDotProductAttention(nn.Module):
             raise ValueError(f"num_heads must be a positive int or None; got {num_heads!r}")
         self.num_heads = num_heads
 
-        record = normalizers.get(normalizer)
+        record = normalizers.get(self.normalizer)
         scaled = record.length_scaled or length_scale is not None
         if length_scale is not None and not checks.is_real_number(length_scale):
             raise TypeError(
