@@ -66,6 +66,9 @@ def _triton_limits(call: AttentionCall) -> str:
         return f"head dims {call.head_dims[0]}, {call.head_dims[1]} exceed the kernels' {TRITON_MAX_HEAD_DIM}"
     if device.type == "cpu" and not _interpreting():
         return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing longattn"
+    if call.query.dtype == torch.bfloat16 and _interpreting():
+        # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands in tl.dot
+        return "bfloat16 is not supported by the Triton interpreter (float16 and float32 are; GPUs take it)"
     if device.type not in ("cpu", "cuda"):
         return f"the kernels run on CUDA tensors (or on CPU in the Triton interpreter); got {device}"
     return ""

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .reference import float_mask_allows
 
 if TYPE_CHECKING:
     from .call import AttentionCall
@@ -44,9 +47,9 @@ def entmax_attention(call: AttentionCall) -> torch.Tensor:
     """Sparsemax / alpha-entmax blockwise, O(N) extra memory per row block."""
     q = call.query
     s = None if call.length_scale is None else _per_head(call.length_scale, q)
-    seed = int(torch.randint(1 << 62, ())) if call.dropout_p > 0 else 0
-    return SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.causal_offset, call.scale,
-                                 call.alpha, call.dropout_p, seed)
+    out, _, _, _ = SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.causal_offset,
+                                         call.scale, call.alpha, call.dropout_p)
+    return out
 
 
 def _compute_dtype(t):
@@ -85,7 +88,7 @@ def _allowed_block(mask4, causal_offset, r0, r1, n_k, device):
         allowed = _causal_block(causal_offset, r0, r1, n_k, device)
     if mask4 is not None:
         blk = mask4[:, :, r0:r1] if mask4.shape[2] > 1 else mask4
-        blk = blk if blk.dtype == torch.bool else blk != float("-inf")
+        blk = blk if blk.dtype == torch.bool else float_mask_allows(blk)
         allowed = blk if allowed is None else blk & allowed
     return allowed
 
@@ -121,21 +124,25 @@ def length_factor(s, counts, num_heads):
 
 
 def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal_offset, scale, length_scale):
+    out_dtype = q.dtype
+    # SDPA's own call (no factor to fold in, a mask SDPA would take as it is) runs in the inputs'
+    # dtype, as torch runs it; anything longattn adds is computed in float32, as the reference is:
+    # folding `s ln(n)` into a half-precision query would round it to 8 or 11 bits.
+    sdpas_own = length_scale is None and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype))
+    work = q.dtype if sdpas_own else _compute_dtype(q)
     if length_scale is not None:
         counts = allowed_counts(attn_mask, causal_offset, q.shape[2], k.shape[2], q.device)
-        factor = length_factor(_per_head(length_scale, q), counts, q.shape[1])
-        q = (q.to(factor.dtype) * factor).to(q.dtype)
+        q = q.to(work) * length_factor(_per_head(length_scale, q), counts, q.shape[1])
+    q, k, v = (t.to(work) for t in (q, k, v))
+    mask4 = _sdpa_mask(attn_mask, work)
     gqa = q.shape[1] != k.shape[1]
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(q.dtype)  # SDPA adds a float mask in the query's dtype
-    if causal_offset is None or (causal_offset == 0 and attn_mask is None):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask, dropout_p, causal_offset == 0, scale=scale, enable_gqa=gqa
-        )
+    if causal_offset is None or (causal_offset == 0 and mask4 is None):
+        out = F.scaled_dot_product_attention(q, k, v, mask4, dropout_p, causal_offset == 0, scale=scale,
+                                             enable_gqa=gqa)
+        return out.to(out_dtype)
     # SDPA's causal flag is top-left only, and its math fallback refuses it beside a mask;
     # folding the rule into a (.., 1, Nk) padding mask would build an (Nq, Nk) one. Go by row
     # blocks instead, each with its own slice of the causal rule.
-    mask4 = _mask_4d(attn_mask)
     rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, k.shape[2]))
     outs = []
     for r0 in range(0, q.shape[2], rows):
@@ -149,7 +156,16 @@ def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal_offset, scale, length_sc
         outs.append(F.scaled_dot_product_attention(
             q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], mask, dropout_p, scale=scale, enable_gqa=gqa
         ))
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2).to(out_dtype)
+
+
+def _sdpa_mask(attn_mask, dtype):
+    """The mask as SDPA takes it: 4-D (SDPA's CPU kernel refuses fewer dims), a float one in the
+    dtype SDPA adds it in, with its masked entries (`float_mask_allows`) at -inf."""
+    mask4 = _mask_4d(attn_mask)
+    if mask4 is None or mask4.dtype == torch.bool:
+        return mask4
+    return mask4.to(dtype).masked_fill(~float_mask_allows(mask4), float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +306,9 @@ class _Blocks:
         x = torch.matmul(q_blk, k[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (self.group, r1 - r0))
         mask = None if self.mask4 is None else self.cut(self.mask4[..., :nk], i, h0, h1, r0, r1)
         if mask is not None and mask.dtype != torch.bool:  # a float mask is added to z
-            x.add_(mask.to(x.dtype), alpha=self.alpha - 1)
-            mask = mask != float("-inf")
+            allows = float_mask_allows(mask)
+            x.add_(mask.to(x.dtype).masked_fill(~allows, 0.0), alpha=self.alpha - 1)
+            mask = allows
         if self.causal_offset is not None:
             causal = _causal_block(self.causal_offset, r0, r1, nk, x.device)
             mask = causal if mask is None else mask & causal
@@ -303,7 +320,8 @@ class _Blocks:
         """`(p, d)`: `d = [x - max - tau]_+`, computed in place in x, and the weights
         `p = d ** (1 / (alpha - 1))`, normalised; p overwrites d unless `keep_base` (for
         sparsemax p is d itself)."""
-        d = x.sub_(row_max + tau).clamp_(min=0)
+        # max first: `row_max + tau` would round tau away when the logits are large
+        d = x.sub_(row_max).sub_(tau).clamp_(min=0)
         if self.alpha == 2.0:
             p = d
         elif self.alpha == 1.5:
@@ -320,84 +338,180 @@ class _Blocks:
         return keep.div_(1 - self.dropout_p)
 
 
+def _sparse_forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
+    """Blockwise sparsemax / alpha-entmax: `(out, row_max, tau, seed)`, the row statistics
+    `(B, Hkv, G, Nq, 1)` in the compute dtype (entmax units), the dropout seed a 0-d int64."""
+    dtype = _compute_dtype(q)
+    b, h_kv, n_k, _ = k.shape
+    seed = int(torch.randint(1 << 62, ())) if dropout_p > 0 else 0
+    qc, kc, vc = (t.to(dtype) for t in (q, k, v))
+    blocks = _Blocks(qc, s, attn_mask, causal_offset, scale, alpha, h_kv, n_k, dropout_p, seed)
+    qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
+    out = torch.empty(*qx.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
+    row_max = torch.empty(*qx.shape[:-1], 1, dtype=dtype, device=q.device)
+    tau = torch.empty_like(row_max)
+    for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
+        if blocks.keys(r1) == 0:  # causal rows above the first key: no weight anywhere
+            out[i, h0:h1, :, r0:r1] = 0
+            row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = 0, float("inf")
+            continue
+        x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
+        m = x.amax(-1, keepdim=True)
+        empty = m == float("-inf")
+        m.masked_fill_(empty, 0.0)
+        t, _ = entmax_threshold(x - m, alpha, empty, torch.empty_like(x))
+        t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
+        row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = m, t
+        p, _ = blocks.probs(x, m, t)
+        if dropout_p > 0:
+            p.mul_(blocks.dropout_keep(p, index))
+        out_blk = torch.matmul(p.flatten(1, 2), vc[i, h0:h1, : blocks.keys(r1)])
+        out[i, h0:h1, :, r0:r1] = out_blk.unflatten(1, (blocks.group, r1 - r0))
+    return out.flatten(1, 2).to(q.dtype), row_max, tau, torch.tensor(seed, device=q.device)
+
+
+def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha, dropout_p,
+                     mask_grad):
+    """Gradients of `_sparse_forward`, each block's weights recomputed from the saved `row_max`
+    and `tau`: `(dq, dk, dv, ds, dmask)`; `ds` and `dmask` are empty when there is no length
+    scale or no mask gradient to give (an op returns tensors, not None)."""
+    dtype, h_kv = row_max.dtype, k.shape[1]
+    blocks = _Blocks(q.to(dtype), s, attn_mask, causal_offset, scale, alpha, h_kv, k.shape[2], dropout_p,
+                     int(seed))
+    g = blocks.group
+    qc, kc, vc = (t.to(dtype) for t in (q, k, v))
+    qx = (qc * blocks.c).unflatten(1, (h_kv, g))
+    do = do.to(dtype).unflatten(1, (h_kv, g))  # (B, Hkv, G, Nq, Dv)
+    dqx = torch.empty_like(qx)
+    dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
+    # z = ... + mask, x = (alpha - 1) z: a float mask's gradient is (alpha - 1) dx, summed over
+    # the dims it broadcasts along
+    dmask4 = torch.zeros(blocks.mask4.shape, dtype=dtype, device=q.device) if mask_grad else None
+    for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
+        nk = blocks.keys(r1)
+        if nk == 0:
+            dqx[i, h0:h1, :, r0:r1] = 0
+            continue
+        x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
+        p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
+        do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
+        dp = torch.matmul(do_blk, vc[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
+        p_used = p
+        if blocks.dropout_p > 0:
+            keep = blocks.dropout_keep(p, index)
+            p_used = p * keep
+            dp.mul_(keep)
+        dv[i, h0:h1, :nk] += torch.matmul(p_used.flatten(1, 2).transpose(-1, -2), do_blk)
+        # dp/dx = u / (alpha - 1), u = p ** (2 - alpha) on the support: the indicator for
+        # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow)
+        if alpha == 2.0:
+            u = d.sign_()
+        elif alpha == 1.5:
+            u = d
+        else:
+            u = torch.where(d > 0, p / d, 0.0)
+        delta = torch.linalg.vecdot(u, dp).unsqueeze(-1) / u.sum(-1, keepdim=True).clamp_(min=1e-30)
+        dx = dp.sub_(delta).mul_(u).div_(alpha - 1)  # (heads, G, rows, keys)
+        if dmask4 is not None:
+            target = blocks.cut(dmask4[..., :nk], i, h0, h1, r0, r1)  # a view into dmask4
+            target.add_(dx.sum_to_size(target.shape), alpha=alpha - 1)
+        dx = dx.flatten(1, 2)  # (heads, G*rows, keys)
+        dqx[i, h0:h1, :, r0:r1] = torch.matmul(dx, kc[i, h0:h1, :nk]).unflatten(1, (g, r1 - r0))
+        dk[i, h0:h1, :nk] += torch.matmul(dx.transpose(-1, -2), qx[i, h0:h1, :, r0:r1].flatten(1, 2))
+    dq = dqx.flatten(1, 2) * blocks.c  # x = (q c) . k
+    ds = q.new_empty(0, dtype=dtype)
+    if s is not None:
+        # x_ij = c_i q_i.k_j: ds_h = sum_i dc_i/ds_h * q_i . (sum_j dx_ij k_j)
+        per_row = torch.linalg.vecdot(qc, dqx.flatten(1, 2)).unsqueeze(-1) * blocks.dc_ds
+        ds = per_row.sum(dim=(0, 2, 3)).to(s.dtype)
+    dmask = q.new_empty(0) if dmask4 is None else dmask4.reshape(attn_mask.shape).to(attn_mask.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, dmask
+
+
+# The two halves as custom ops: opaque to torch.compile (the threshold search's early exit reads
+# data), given shapes by their fake implementations (which also serve the meta device), and by
+# `vmap` one call per slice (`loop_vmap_rule`).
+
+
+@torch.library.custom_op("longattn::blockwise_entmax_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
+            attn_mask: torch.Tensor | None, causal_offset: int | None, scale: float, alpha: float,
+            dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
+    b, h_kv, _, _ = k.shape
+    stats = (b, h_kv, q.shape[1] // h_kv, q.shape[2], 1)
+    dtype = _compute_dtype(q)
+    return (q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(stats, dtype=dtype),
+            q.new_empty(stats, dtype=dtype), q.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("longattn::blockwise_entmax_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
+            attn_mask: torch.Tensor | None, row_max: torch.Tensor, tau: torch.Tensor, seed: torch.Tensor,
+            causal_offset: int | None, scale: float, alpha: float, dropout_p: float,
+            mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha,
+                            dropout_p, mask_grad)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha, dropout_p, mask_grad):
+    ds = q.new_empty(0, dtype=row_max.dtype) if s is None else s.new_empty(s.shape)
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dmask
+
+
+def loop_vmap_rule(op):
+    """Registers a `vmap` rule for the custom op `op` that calls it once per slice of the
+    vmapped dimension and stacks the results: correct for any op, at a loop's speed."""
+    def rule(info, in_dims, *args):
+        results = []
+        for index in range(info.batch_size):
+            sliced = [a if dim is None else a.select(dim, index) for a, dim in zip(args, in_dims)]
+            results.append(op(*sliced))
+        stacked = tuple(torch.stack(parts) for parts in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+    torch.library.register_vmap(op, rule)
+
+
+loop_vmap_rule(_fwd_op)
+loop_vmap_rule(_bwd_op)
+
+
 class SparseAttention(torch.autograd.Function):
-    """Blockwise sparsemax / alpha-entmax attention with a saved per-row threshold.
+    """Blockwise sparsemax / alpha-entmax attention with a saved per-row threshold, in the form
+    torch.func takes (`setup_context`; vmap through the ops' rules). Shapes as
+    `reference.attention`; `s` is None or `(Hq,)` in the compute dtype. Returns `(out, row_max,
+    tau, seed)`, of which only `out` is differentiable. The backward is not itself differentiable:
+    a second derivative raises."""
 
-    Shapes as `reference.attention`; `s` is None or `(Hq,)` in the compute dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p, seed):
-        dtype = _compute_dtype(q)
-        b, h_kv, n_k, _ = k.shape
-        qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-        blocks = _Blocks(qc, s, attn_mask, causal_offset, scale, alpha, h_kv, n_k, dropout_p, seed)
-        qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
-        out = torch.empty(*qx.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
-        row_max = torch.empty(*qx.shape[:-1], 1, dtype=dtype, device=q.device)
-        tau = torch.empty_like(row_max)
-        for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
-            if blocks.keys(r1) == 0:  # causal rows above the first key: no weight anywhere
-                out[i, h0:h1, :, r0:r1] = 0
-                row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = 0, float("inf")
-                continue
-            x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
-            m = x.amax(-1, keepdim=True)
-            empty = m == float("-inf")
-            m.masked_fill_(empty, 0.0)
-            t, _ = entmax_threshold(x - m, alpha, empty, torch.empty_like(x))
-            t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
-            row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = m, t
-            p, _ = blocks.probs(x, m, t)
-            if dropout_p > 0:
-                p.mul_(blocks.dropout_keep(p, index))
-            out_blk = torch.matmul(p.flatten(1, 2), vc[i, h0:h1, : blocks.keys(r1)])
-            out[i, h0:h1, :, r0:r1] = out_blk.unflatten(1, (blocks.group, r1 - r0))
-        ctx.save_for_backward(q, k, v, s, attn_mask, row_max, tau)
-        ctx.blocks = blocks
-        return out.flatten(1, 2).to(q.dtype)
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, s, attn_mask, row_max, tau = ctx.saved_tensors
-        blocks, alpha = ctx.blocks, ctx.blocks.alpha
-        dtype, g = row_max.dtype, blocks.group
-        qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-        qx = (qc * blocks.c).unflatten(1, (k.shape[1], g))
-        do = grad_out.to(dtype).unflatten(1, (k.shape[1], g))  # (B, Hkv, G, Nq, Dv)
-        dqx = torch.empty_like(qx)
-        dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
-        for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
-            nk = blocks.keys(r1)
-            if nk == 0:
-                dqx[i, h0:h1, :, r0:r1] = 0
-                continue
-            x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
-            p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
-            do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
-            dp = torch.matmul(do_blk, vc[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
-            p_used = p
-            if blocks.dropout_p > 0:
-                keep = blocks.dropout_keep(p, index)
-                p_used = p * keep
-                dp.mul_(keep)
-            dv[i, h0:h1, :nk] += torch.matmul(p_used.flatten(1, 2).transpose(-1, -2), do_blk)
-            # dp/dx = u / (alpha - 1), u = p ** (2 - alpha) on the support: the indicator for
-            # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow)
-            if alpha == 2.0:
-                u = d.sign_()
-            elif alpha == 1.5:
-                u = d
-            else:
-                u = torch.where(d > 0, p / d, 0.0)
-            delta = torch.linalg.vecdot(u, dp).unsqueeze(-1) / u.sum(-1, keepdim=True).clamp_(min=1e-30)
-            dx = dp.sub_(delta).mul_(u).div_(alpha - 1).flatten(1, 2)  # (heads, G*rows, keys)
-            dqx[i, h0:h1, :, r0:r1] = torch.matmul(dx, kc[i, h0:h1, :nk]).unflatten(1, (g, r1 - r0))
-            dk[i, h0:h1, :nk] += torch.matmul(dx.transpose(-1, -2), qx[i, h0:h1, :, r0:r1].flatten(1, 2))
-        dq = dqx.flatten(1, 2) * blocks.c  # x = (q c) . k
-        ds = None
-        if s is not None and ctx.needs_input_grad[3]:
-            # x_ij = c_i q_i.k_j: ds_h = sum_i dc_i/ds_h * q_i . (sum_j dx_ij k_j)
-            per_row = torch.linalg.vecdot(qc, dqx.flatten(1, 2)).unsqueeze(-1) * blocks.dc_ds
-            ds = per_row.sum(dim=(0, 2, 3))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, None, None, None, None, None, None
+    def forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
+        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, attn_mask, causal_offset, scale, alpha,
+                                                       dropout_p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p = inputs
+        _, row_max, tau, seed = output
+        ctx.mark_non_differentiable(row_max, tau, seed)
+        ctx.save_for_backward(q, k, v, s, attn_mask, row_max, tau, seed)
+        ctx.args = (causal_offset, scale, alpha, dropout_p)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *_):
+        q, k, v, s, attn_mask, row_max, tau, seed = ctx.saved_tensors
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, ds, dmask = torch.ops.longattn.blockwise_entmax_bwd(
+            grad_out, q, k, v, s, attn_mask, row_max, tau, seed, *ctx.args, mask_grad
+        )
+        return (dq, dk, dv, ds if s is not None else None, dmask if mask_grad else None,
+                None, None, None, None)

@@ -16,6 +16,7 @@ import torch
 from . import normalizers
 from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend
 from .call import AttentionCall
+from .checks import autocast_dtype
 from .normalizers import Normalizer
 
 
@@ -58,7 +59,17 @@ def select(call: AttentionCall, backend: str) -> Backend:
 
 def run(call: AttentionCall, backend: str) -> torch.Tensor:
     """Runs a checked call on the backend `select` picks. Packed documents go to the backend in
-    one launch when it takes them (`Backend.packed`), else one document at a time."""
+    one launch when it takes them (`Backend.packed`), else one document at a time. Autocast is
+    off inside: the call's tensors are already in its dtype (`checks.make_call`), and each path
+    chooses its own compute dtype."""
+    device_type = call.query.device.type
+    if autocast_dtype(device_type) is None:
+        return _run(call, backend)
+    with torch.autocast(device_type, enabled=False):
+        return _run(call, backend)
+
+
+def _run(call: AttentionCall, backend: str) -> torch.Tensor:
     chosen = select(call, backend)
     if call.docs is None:
         return _run_dense(call, chosen)

@@ -86,7 +86,7 @@ def scaled_dot_product_attention(
         enable_gqa: allow ``Hq != Hkv``; query head ``h`` reads key head ``h // (Hq // Hkv)``.
         normalizer: ``"softmax"``, ``"ssmax"`` (Scalable-Softmax), ``"sparsemax"``, ``"entmax"``,
             or any name added to the registry (``longattn.attention.normalizers``).
-        alpha: the entmax parameter, in ``(1, 2]``; read by ``"entmax"`` only.
+        alpha: the entmax parameter, in ``[1.01, 2]`` (closer to 1, use softmax); read by ``"entmax"`` only.
         length_scale: ``s`` of length scaling: the ``q @ k^T`` term of row ``i`` in head ``h`` is
             multiplied by ``s_h * ln(n_i)``, ``n_i`` the number of keys row ``i`` may attend to
             after every mask. A float, or a tensor of shape ``(Hq,)`` that may require grad.

@@ -23,7 +23,7 @@ class ScaledDotProductAttention(nn.Module):
         normalizer: ``"softmax"``, ``"ssmax"``, ``"sparsemax"``, ``"entmax"`` or another registered
             name (``longattn.attention.normalizers``).
         num_heads: query heads; needed for a learnable ``s``.
-        alpha: the entmax parameter, in ``(1, 2]``.
+        alpha: the entmax parameter, in ``[1.01, 2]``.
         length_scale: initial ``s``; ``None`` means no length scaling (1.0 for ``"ssmax"``).
         learn_length_scale: make ``s`` a per-head ``Parameter``.
         backend: passed to :func:`longattn.scaled_dot_product_attention`.

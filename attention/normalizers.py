@@ -111,7 +111,7 @@ SSMAX = register(Normalizer(
     base="softmax", length_scale=1.0,
 ))
 ENTMAX = register(Normalizer(
-    "entmax", "`p_j = [(alpha - 1) z_j - tau]_+ ^ (1 / (alpha - 1))`, `sum_j p_j = 1`, `alpha` in (1, 2]: "
+    "entmax", "`p_j = [(alpha - 1) z_j - tau]_+ ^ (1 / (alpha - 1))`, `sum_j p_j = 1`, `alpha` in [1.01, 2]: "
     "Peters et al. 2019",
     normalize=reference.entmax, takes_alpha=True,
     paths={"torch": chunked.entmax_attention, "triton": backends.triton_entmax},

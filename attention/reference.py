@@ -57,7 +57,7 @@ def split_mask(attn_mask, causal_offset, n_q, n_k, device, dtype):
     """Returns `allowed` (bool, broadcastable to the scores) and the additive `bias` (or None).
 
     A key is allowed when the causal rule (`j <= i + causal_offset`, none when None; 0 is SDPA's
-    top-left), a boolean mask (True = attend) and a float mask (not -inf) all allow it.
+    top-left), a boolean mask (True = attend) and a float mask (`float_mask_allows`) all allow it.
     """
     allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
     if causal_offset is not None:
@@ -67,10 +67,18 @@ def split_mask(attn_mask, causal_offset, n_q, n_k, device, dtype):
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
         else:
-            bias = attn_mask.to(dtype)
-            allowed = allowed & (bias != float("-inf"))
-            bias = bias.masked_fill(~allowed, 0.0)  # -inf is carried by `allowed`, not by the sum
+            allowed = allowed & float_mask_allows(attn_mask)
+            bias = attn_mask.to(dtype).masked_fill(~allowed, 0.0)  # masking is `allowed`'s, not the sum's
     return allowed, bias
+
+
+def float_mask_allows(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Where a float mask lets a key be attended: everywhere but its `-inf` entries and those at
+    the lowest finite value of its dtype, `torch.finfo(dtype).min`, which Hugging Face and others
+    write for "masked" (it adds to a logit without overflowing). A masked key has weight 0 and is
+    not counted in `n_i`, on every backend, whatever the mask's and the inputs' dtypes. A NaN
+    entry is not masked: it makes its row NaN, as any NaN logit does."""
+    return ~(attn_mask <= torch.finfo(attn_mask.dtype).min)
 
 
 def length_factor(length_scale, allowed, num_heads, dtype):

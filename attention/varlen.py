@@ -137,8 +137,7 @@ def _check_max_seqlen(name: str, max_seqlen, offsets: list[int]) -> int:
     longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
     if max_seqlen is None:
         return longest
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
-        raise TypeError(f"{name} must be None or an int; got {type(max_seqlen).__name__}")
+    max_seqlen = checks.check_int(name, max_seqlen, "None or an int")
     if max_seqlen < longest:
         raise ValueError(f"{name} ({max_seqlen}) is below the longest document's length ({longest})")
     return max_seqlen

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from longattn.attention import normalizers
+from longattn.attention import checks, normalizers
 
 from . import probe
 from .tasks import IGNORE, TASKS, TaskConfig, check_task, make_batch
@@ -52,8 +52,10 @@ def parse_setting(spec: str) -> dict:
     if ls is not None and record.length_scaled:
         raise ValueError(f"setting {spec!r}: {normalizer} is length-scaled already; write {normalizer}")
     attention = {"normalizer": normalizer, "alpha": float(alpha) if alpha else 1.5}
-    if not 1.0 < attention["alpha"] <= 2.0:
-        raise ValueError(f"setting {spec!r}: alpha must be in (1, 2]")
+    try:
+        checks.check_alpha(attention["alpha"])
+    except ValueError as error:
+        raise ValueError(f"setting {spec!r}: {error}") from None
     if ls is not None or record.length_scaled:
         attention["length_scale"] = float(s) if s else None  # None: the study's default start
     return attention
