@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .reference import float_mask_allows
 
@@ -506,12 +505,43 @@ class SparseAttention(torch.autograd.Function):
         ctx.args = (causal_offset, scale, alpha, dropout_p)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, *_):
         q, k, v, s, attn_mask, row_max, tau, seed = ctx.saved_tensors
         mask_grad = attn_mask is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, ds, dmask = torch.ops.longattn.blockwise_entmax_bwd(
-            grad_out, q, k, v, s, attn_mask, row_max, tau, seed, *ctx.args, mask_grad
-        )
-        return (dq, dk, dv, ds if s is not None else None, dmask if mask_grad else None,
-                None, None, None, None)
+        with torch.no_grad():
+            dq, dk, dv, ds, dmask = torch.ops.longattn.blockwise_entmax_bwd(
+                grad_out, q, k, v, s, attn_mask, row_max, tau, seed, *ctx.args, mask_grad
+            )
+        grads = (dq, dk, dv, ds if s is not None else None, dmask if mask_grad else None)
+        if torch.is_grad_enabled():  # create_graph: a second derivative through these raises
+            grads = no_second_derivative("the torch path's sparse attention", grads, (q, k, v, s, attn_mask))
+        return (*grads, None, None, None, None)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity on a first derivative, recorded against the inputs it depends on, whose own
+    backward raises: a second derivative fails at once rather than treating the saved
+    statistics as constants (which would be silently wrong)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(what, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.what = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{ctx.what} has no second derivative: its backward is not differentiable "
+                           "(double backward, gradient penalties and Hessians need backend='reference')")
+
+
+def no_second_derivative(what: str, grads, inputs):
+    """`grads` (None kept) each tied to the `inputs` that require grad by `_NoSecondDerivative`."""
+    needing = [t for t in inputs if t is not None and t.requires_grad]
+    if not needing:
+        return grads
+    return tuple(g if g is None else _NoSecondDerivative.apply(what, g, *needing) for g in grads)

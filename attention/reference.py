@@ -129,24 +129,32 @@ def entmax_threshold(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class _Entmax(torch.autograd.Function):
-    """alpha-entmax, `p = [(alpha - 1) z - tau]_+ ** (1 / (alpha - 1))`, as `entmax_bisect`."""
+    """alpha-entmax, `p = [(alpha - 1) z - tau]_+ ** (1 / (alpha - 1))`, as `entmax_bisect`; in
+    the form torch.func takes (`setup_context`, and plain torch ops to vmap)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, logits, alpha):
+    def forward(logits, alpha):
         x = (alpha - 1) * logits
         x = x - x.max(dim=-1, keepdim=True).values  # huge logits lose nothing to the shift
         tau = entmax_threshold(x, alpha)
         p = (x - tau).clamp(min=0).pow(1 / (alpha - 1))
         if alpha != 2.0:
             p = p / p.sum(dim=-1, keepdim=True)  # bisection leaves rounding in the sum
-        ctx.save_for_backward(p)
-        ctx.alpha = alpha
         return p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.alpha = inputs[1]
 
     @staticmethod
     def backward(ctx, grad_p):
         (p,) = ctx.saved_tensors
-        # dp_j/dz_j = p_j ** (2 - alpha) on the support, zero off it (the indicator for sparsemax)
-        u = torch.where(p > 0, p.pow(2 - ctx.alpha), torch.zeros_like(p))
+        # dp_j/dz_j = p_j ** (2 - alpha) on the support, zero off it (the indicator for sparsemax);
+        # the pow never sees a 0, whose infinite slope would make a second derivative NaN
+        support = p > 0
+        u = torch.where(support, torch.where(support, p, 1.0).pow(2 - ctx.alpha), 0.0)
         delta = (u * grad_p).sum(dim=-1, keepdim=True) / u.sum(dim=-1, keepdim=True)
         return u * (grad_p - delta), None
