@@ -20,12 +20,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def allowed_mask(n_q, n_k, attn_mask=None, is_causal=False):
-    """Which keys each query may see: the causal rule (j <= i) and the bool / -inf masks."""
+    """Which keys each query may see: the causal rule (j <= i) and the bool / float masks."""
     i = torch.arange(n_q).view(-1, 1)
     j = torch.arange(n_k).view(1, -1)
     allowed = (j <= i) if is_causal else torch.ones(n_q, n_k, dtype=torch.bool)
     if attn_mask is not None:
-        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf"))
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:  # -inf and the dtype's lowest finite value (Hugging Face's "masked") both mask
+            lowest = torch.finfo(attn_mask.dtype).min
+            allowed = allowed & (attn_mask != float("-inf")) & (attn_mask != lowest)
     return allowed
 
 
