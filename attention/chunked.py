@@ -297,7 +297,8 @@ class _Blocks:
         return t[:, :, r0:r1] if t.shape[2] > 1 else t
 
     def logits(self, qx, k, i, h0, h1, r0, r1):
-        """`(heads, G, rows, keys)` logits `x` of a block, masked keys at -inf.
+        """`(x, no_key)`: the `(heads, G, rows, keys)` logits `x` of a block, masked keys at
+        -inf, and which rows the masks leave no key (broadcastable bool, or None for none).
 
         `qx` is the query times `c`, grouped `(B, Hkv, G, Nq, D)`."""
         nk = self.keys(r1)
@@ -311,9 +312,10 @@ class _Blocks:
         if self.causal_offset is not None:
             causal = _causal_block(self.causal_offset, r0, r1, nk, x.device)
             mask = causal if mask is None else mask & causal
-        if mask is not None:
-            x.masked_fill_(~mask, float("-inf"))
-        return x
+        if mask is None:
+            return x, None
+        x.masked_fill_(~mask, float("-inf"))
+        return x, ~mask.any(-1, keepdim=True)
 
     def probs(self, x, row_max, tau, keep_base=False):
         """`(p, d)`: `d = [x - max - tau]_+`, computed in place in x, and the weights
@@ -354,9 +356,13 @@ def _sparse_forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_
             out[i, h0:h1, :, r0:r1] = 0
             row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = 0, float("inf")
             continue
-        x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
+        x, no_key = blocks.logits(qx, kc, i, h0, h1, r0, r1)
         m = x.amax(-1, keepdim=True)
         empty = m == float("-inf")
+        # a row whose allowed keys all have logit -inf (an inf in q or k) is NaN, as in the
+        # definition; only a row the masks leave without keys is empty
+        m.masked_fill_(empty if no_key is None else empty & ~no_key, float("nan"))
+        empty = torch.zeros_like(empty) if no_key is None else empty & no_key
         m.masked_fill_(empty, 0.0)
         t, _ = entmax_threshold(x - m, alpha, empty, torch.empty_like(x))
         t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
@@ -380,7 +386,10 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
     g = blocks.group
     qc, kc, vc = (t.to(dtype) for t in (q, k, v))
     qx = (qc * blocks.c).unflatten(1, (h_kv, g))
-    do = do.to(dtype).unflatten(1, (h_kv, g))  # (B, Hkv, G, Nq, Dv)
+    # A row the forward found a NaN in (saved row max NaN) gets a NaN upstream gradient, so that
+    # the products carry it wherever the row reaches, as the definition's would: `u` alone
+    # would drop it (torch.sign(nan) is 0).
+    do = do.to(dtype).unflatten(1, (h_kv, g)) + row_max * 0  # (B, Hkv, G, Nq, Dv)
     dqx = torch.empty_like(qx)
     dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
     # z = ... + mask, x = (alpha - 1) z: a float mask's gradient is (alpha - 1) dx, summed over
@@ -391,7 +400,7 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
         if nk == 0:
             dqx[i, h0:h1, :, r0:r1] = 0
             continue
-        x = blocks.logits(qx, kc, i, h0, h1, r0, r1)
+        x, _ = blocks.logits(qx, kc, i, h0, h1, r0, r1)
         p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
         do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
         dp = torch.matmul(do_blk, vc[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (g, r1 - r0))

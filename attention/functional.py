@@ -45,8 +45,8 @@ def scaled_dot_product_attention(
             bias = 0.0
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 allowed = allowed & attn_mask                            # True = may attend
-            elif attn_mask is not None:
-                allowed = allowed & (attn_mask != -inf)
+            elif attn_mask is not None:                                  # -inf and finfo.min mask
+                allowed = allowed & ~(attn_mask <= torch.finfo(attn_mask.dtype).min)
                 bias = attn_mask.masked_fill(~allowed, 0)                # added after scaling
             scores = q @ k.transpose(-2, -1)
             if normalizer == "ssmax" or length_scale is not None:      # Nakanishi 2025
@@ -79,7 +79,10 @@ def scaled_dot_product_attention(
             they differ).
         value: ``(B, Hkv, Nk, Dv)``.
         attn_mask: bool (True = may attend) or float (added to the logits, after length
-            scaling; ``-inf`` masks), broadcastable to ``(B, Hq, Nq, Nk)``.
+            scaling), broadcastable to ``(B, Hq, Nq, Nk)``. A float entry of ``-inf`` or of its
+            dtype's lowest finite value, ``torch.finfo(attn_mask.dtype).min`` (Hugging Face's
+            padding), masks its key: weight 0, not counted in ``n_i``. A float mask that
+            requires grad gets its gradient.
         dropout_p: dropout on the attention weights, applied whenever it is positive (as SDPA).
         is_causal: top-left causal mask, ``j <= i``; may be combined with ``attn_mask``.
         scale: logit scale, default ``1 / sqrt(D)``.

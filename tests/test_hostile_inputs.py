@@ -346,3 +346,34 @@ def test_autocast_gives_sdpas_dtype(settings, backend):
     want = sdpa(*(t.bfloat16() for t in (q, k, v)), is_causal=True, enable_gqa=True, **settings,
                 backend=backend)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Non-finite inputs: NaN where the definition has NaN, the same values elsewhere
+
+
+@pytest.mark.parametrize("settings", SPARSE)
+@pytest.mark.parametrize("where", ["query", "key"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("causal_offset", [None, -1])
+def test_non_finite_inputs_spoil_the_rows_they_reach(settings, where, value, causal_offset):
+    """One non-finite element of q or k: the sparse torch path's output is NaN in the reference's
+    rows and agrees elsewhere; a row whose allowed logits are all -inf is NaN (it gave 0, as if
+    the masks had left it no key), and one the causal mask keeps from the poisoned key stays
+    finite. Each gradient has NaN where the reference has (a NaN upstream gradient carries the
+    row's NaN: `u` dropped it) and agrees where both are finite. Where exactly NaN lands on
+    masked keys differs: both spread it there, the reference through `0 * nan` in its matmuls."""
+    q, k, v = (t.detach() for t in _qkv(n_q=NK))
+    (q if where == "query" else k)[0, 1, 4, 3] = value
+    results = []
+    for backend in CPU_BACKENDS:
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*inputs, causal_offset=causal_offset, enable_gqa=True, **settings, backend=backend)
+        results.append([out, *_grads(out, inputs)])
+    (want, *want_grads), (got, *got_grads) = results
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0), rtol=1e-8, atol=1e-9)
+    for g, w in zip(got_grads, want_grads):
+        assert g.isnan().any() == w.isnan().any()
+        finite = g.isfinite() & w.isfinite()
+        torch.testing.assert_close(g[finite], w[finite], rtol=1e-8, atol=1e-9)

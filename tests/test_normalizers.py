@@ -151,6 +151,8 @@ def test_docstring_code_is_the_reference(normalizer, alpha, case):
     mask = make_mask(mask_kind, (B, 1, Nq, Nk))
     if mask is not None:
         mask[:, :, 1] = False if mask.dtype == torch.bool else float("-inf")  # a row with no key
+        if mask.dtype != torch.bool:  # Hugging Face's masked keys: the lowest finite value
+            mask[:, :, 2, ::2] = torch.finfo(mask.dtype).min
     s = 0.3 + torch.rand(Hq, dtype=torch.float64) if s == "tensor" else s
     kwargs = dict(attn_mask=mask, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s,
                   causal_offset=offset)
