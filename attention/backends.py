@@ -13,13 +13,13 @@ when they run, so importing longattn needs neither triton's kernels nor flash-at
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels.common import MAX_HEAD_DIM as TRITON_MAX_HEAD_DIM  # host side only: compiles no kernel
+from ..kernels.common import interpreting
 from . import reference
 from .call import AttentionCall
 
@@ -50,10 +50,6 @@ def _anything(call: AttentionCall) -> str:
     return ""
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _triton_limits(call: AttentionCall) -> str:
     device = call.query.device
     if call.attn_mask is not None:
@@ -64,9 +60,9 @@ def _triton_limits(call: AttentionCall) -> str:
         return "float64 is not supported by the kernels (float16, bfloat16, float32 are)"
     if max(call.head_dims) > TRITON_MAX_HEAD_DIM:
         return f"head dims {call.head_dims[0]}, {call.head_dims[1]} exceed the kernels' {TRITON_MAX_HEAD_DIM}"
-    if device.type == "cpu" and not _interpreting():
+    if device.type == "cpu" and not interpreting():
         return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing longattn"
-    if call.query.dtype == torch.bfloat16 and _interpreting():
+    if call.query.dtype == torch.bfloat16 and interpreting():
         # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands in tl.dot
         return "bfloat16 is not supported by the Triton interpreter (float16 and float32 are; GPUs take it)"
     if device.type not in ("cpu", "cuda"):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..kernels.common import first_order_only, vmap_by_loop  # host side only: compiles no kernel
 from .reference import float_mask_allows
 
 if TYPE_CHECKING:
@@ -438,7 +439,7 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
 
 # The two halves as custom ops: opaque to torch.compile (the threshold search's early exit reads
 # data), given shapes by their fake implementations (which also serve the meta device), and by
-# `vmap` one call per slice (`loop_vmap_rule`).
+# `vmap` one call per slice (`vmap_by_loop`).
 
 
 @torch.library.custom_op("longattn::blockwise_entmax_fwd", mutates_args=())
@@ -473,22 +474,8 @@ def _(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dmask
 
 
-def loop_vmap_rule(op):
-    """Registers a `vmap` rule for the custom op `op` that calls it once per slice of the
-    vmapped dimension and stacks the results: correct for any op, at a loop's speed."""
-    def rule(info, in_dims, *args):
-        results = []
-        for index in range(info.batch_size):
-            sliced = [a if dim is None else a.select(dim, index) for a, dim in zip(args, in_dims)]
-            results.append(op(*sliced))
-        stacked = tuple(torch.stack(parts) for parts in zip(*results))
-        return stacked, (0,) * len(stacked)
-
-    torch.library.register_vmap(op, rule)
-
-
-loop_vmap_rule(_fwd_op)
-loop_vmap_rule(_bwd_op)
+_fwd_op.register_vmap(vmap_by_loop(_fwd_op))
+_bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 
 class SparseAttention(torch.autograd.Function):
@@ -521,36 +508,6 @@ class SparseAttention(torch.autograd.Function):
             dq, dk, dv, ds, dmask = torch.ops.longattn.blockwise_entmax_bwd(
                 grad_out, q, k, v, s, attn_mask, row_max, tau, seed, *ctx.args, mask_grad
             )
-        grads = (dq, dk, dv, ds if s is not None else None, dmask if mask_grad else None)
-        if torch.is_grad_enabled():  # create_graph: a second derivative through these raises
-            grads = no_second_derivative("the torch path's sparse attention", grads, (q, k, v, s, attn_mask))
-        return (*grads, None, None, None, None)
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    """The identity on a first derivative, recorded against the inputs it depends on, whose own
-    backward raises: a second derivative fails at once rather than treating the saved
-    statistics as constants (which would be silently wrong)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(what, grad, *inputs):
-        return grad.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.what = inputs[0]
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(f"{ctx.what} has no second derivative: its backward is not differentiable "
-                           "(double backward, gradient penalties and Hessians need backend='reference')")
-
-
-def no_second_derivative(what: str, grads, inputs):
-    """`grads` (None kept) each tied to the `inputs` that require grad by `_NoSecondDerivative`."""
-    needing = [t for t in inputs if t is not None and t.requires_grad]
-    if not needing:
-        return grads
-    return tuple(g if g is None else _NoSecondDerivative.apply(what, g, *needing) for g in grads)
+        dq, dk, dv, ds, dmask = first_order_only("longattn::blockwise_entmax_bwd", (dq, dk, dv, ds, dmask),
+                                                 (grad_out, q, k, v, s, attn_mask))
+        return dq, dk, dv, ds if s is not None else None, dmask if mask_grad else None, None, None, None, None

@@ -6,12 +6,19 @@ shapes the custom ops' fake implementations return, and the autograd functions' 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 # Padded head dims stay at least 16: tl.dot needs every block dim >= 16 on tensor cores.
 MIN_BLOCK = 16
 MAX_HEAD_DIM = 256
+# The smallest entmax alpha taken, here and by the public checks: the weights' power
+# 1 / (alpha - 1) amplifies float32 rounding, and the fp32 error against float64 entmax_bisect
+# grows as ~1.3e-8 / (alpha - 1) on every path (N = 64 to 4096): 1.8e-6 at 1.01, 1.3e-5 at
+# 1.001, 1.3e-3 at 1.00001.
+MIN_ALPHA = 1.01
 
 
 def padded_dim(d: int) -> int:
@@ -124,6 +131,12 @@ def length_scale_grad_from_rows(ds_row: torch.Tensor, varlen: bool) -> torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 
+def interpreting() -> bool:
+    """Whether the Triton interpreter is on, read at each call: a test may switch it after the
+    kernels were imported."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def check_inputs(q, k, v, varlen: bool = False) -> None:
     """What the kernels cannot do; the general argument checks live in `attention/checks.py`.
     The heads are dim 1 in both layouts, (B, H, N, D) and varlen's (total, H, D)."""
@@ -134,6 +147,12 @@ def check_inputs(q, k, v, varlen: bool = False) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
+    if q.dtype == torch.bfloat16 and interpreting():
+        # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands in tl.dot: the
+        # output errs by ~1e9 relative, silently.
+        raise TypeError("bfloat16 is not supported under the Triton interpreter (TRITON_INTERPRET=1): its "
+                        "tl.dot multiplies the raw bfloat16 bits, so the results would be garbage; use "
+                        "float16 or float32 here, or bfloat16 on a GPU with the interpreter off")
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be at most {MAX_HEAD_DIM}; got D={q.shape[-1]}, Dv={v.shape[-1]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
@@ -155,6 +174,59 @@ def fake_gradients(q, k, v, length_scale):
     and the `(Hq,)` fp32 `ds` (empty without length scaling)."""
     ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+
+
+def vmap_by_loop(op):
+    """A `register_vmap` rule for a custom op, which has no batched form of its own: the op on each
+    slice of the vmapped dim (the unbatched arguments shared by every slice), the results stacked
+    at dim 0. One launch per slice, but correct for every op, mode and argument batched; with it
+    the autograd functions' `generate_vmap_rule` batches forward and backward alike."""
+
+    def rule(info, in_dims, *args, **kwargs):
+        if info.batch_size == 0:
+            raise ValueError("vmap over a dim of size 0 is not supported by the kernels' custom ops")
+        fronts = [a if d is None else a.movedim(d, 0) for a, d in zip(args, in_dims, strict=True)]
+        results = [op(*(a if d is None else a[i] for a, d in zip(fronts, in_dims, strict=True)), **kwargs)
+                   for i in range(info.batch_size)]
+        stacked = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+        return stacked, (0,) * len(stacked)
+
+    return rule
+
+
+class FirstOrderOnly(torch.autograd.Function):
+    """The identity on a backward's gradients, tied to the tensors they were computed from, whose
+    own backward raises: the kernels' gradients (and the torch path's sparse ones) are not
+    differentiable, so a second derivative through them (double backward, `torch.func.grad` of a
+    gradient) fails loudly. Not
+    `once_differentiable`: that returns gradients without a graph when the upstream gradient
+    needs none (`out.sum()`), and a second derivative through them then comes out silently
+    incomplete. `forward(op_name, n, *tensors)` returns the first n tensors."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op_name, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward through {ctx.op_name} is not supported: its gradients are "
+                           "first-order only, not differentiable (backend='reference' has second "
+                           "derivatives)")
+
+
+def first_order_only(op_name: str, grads: tuple, sources: tuple) -> tuple:
+    """A backward's `grads`, as they are unless autograd records the backward itself
+    (create_graph, and every torch.func.grad): then tied by `FirstOrderOnly` to `sources`, the
+    tensors (None allowed) they were computed from."""
+    if not torch.is_grad_enabled():
+        return grads
+    return FirstOrderOnly.apply(op_name, len(grads), *grads, *sources)
 
 
 def save_varlen_args(ctx, varlen: tuple) -> tuple:

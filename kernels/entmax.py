@@ -6,8 +6,9 @@ Layers, as in fla and `kernels/softmax.py`: the `@triton.jit` kernels (`kernels/
 `kernels/entmax_bwd.py`, re-exported here); the host launchers
 `entmax_attention_fwd` and `entmax_attention_bwd`, wrapped as the custom ops
 `longattn::entmax_attention_fwd` / `_bwd` (with fake implementations, so that
-`torch.compile(fullgraph=True)` treats them as opaque calls); `EntmaxAttentionFunction`, which
-wires them into autograd; and the entries `entmax_attention` and `entmax_varlen_attention`.
+`torch.compile(fullgraph=True)` treats them as opaque calls, and vmap rules for `torch.func.vmap`);
+`EntmaxAttentionFunction`, which wires them into autograd (in the form torch.func takes, its
+gradients first-order only); and the entries `entmax_attention` and `entmax_varlen_attention`.
 Semantics are `attention/reference.py` with normalizer "entmax" (alpha = 2 is sparsemax), the
 algorithm that of `attention/chunked.py` (`entmax_threshold`), tile by tile::
 
@@ -16,8 +17,8 @@ algorithm that of `attention/chunked.py` (`entmax_threshold`), tile by tile::
     x_ij = (alpha - 1) * z_ij,  m_i = max_j x_ij                      # "entmax units"
     tau_i: sum_j [x_ij - m_i - tau_i]_+ ** (1 / (alpha - 1)) = 1
     p_ij = [x_ij - m_i - tau_i]_+ ** (1 / (alpha - 1)),  out_i = p_i @ v
-    (a row with n_i = 0 gives 0 and saves m_i = 0, tau_i = +inf; one with a NaN logit gives
-    NaN, and NaN gradients where they depend on it)
+    (a row with n_i = 0 gives 0 and saves m_i = 0, tau_i = +inf; one with a NaN or +inf logit,
+    or only -inf ones, gives NaN, and NaN gradients where they depend on it)
 
 Forward: one program holds a block of query rows and streams the key tiles through it several
 times, recomputing `q . k` on each pass and never storing scores: one pass for the row max,
@@ -48,12 +49,14 @@ import torch
 import triton
 
 from .common import (
+    MIN_ALPHA,
     causal_args,
     check_inputs,
     default_scale,
     device_capability,
     dot_precision,
     fake_gradients,
+    first_order_only,
     forward_shapes,
     length_scale_grad,
     length_scale_grad_from_rows,
@@ -67,6 +70,7 @@ from .common import (
     tile_config,
     varlen_launch_args,
     varlen_no_grads,
+    vmap_by_loop,
 )
 from .entmax_bwd import entmax_attention_bwd_kernel_dkdv, entmax_attention_bwd_kernel_dq
 from .entmax_fwd import entmax_attention_fwd_kernel
@@ -281,6 +285,10 @@ def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length
     return fake_gradients(q, k, v, length_scale)
 
 
+_fwd_op.register_vmap(vmap_by_loop(_fwd_op))
+_bwd_op.register_vmap(vmap_by_loop(_bwd_op))
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd and the entry points
 # ----------------------------------------------------------------------------------------------
@@ -288,34 +296,50 @@ def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length
 
 class EntmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd. The trailing arguments,
-    `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`, are given in varlen mode only."""
+    `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`, are given in varlen mode only.
+    Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
+    ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
+    only what `setup_context` sees); they are not differentiable, and `entmax_attention` returns
+    the output alone."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, alpha, causal_offset, length_scale, *varlen):
+    def forward(q, k, v, scale, alpha, causal_offset, length_scale, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
-        out, row_max, tau, tile_flags = torch.ops.longattn.entmax_attention_fwd(
-            q, k, v, scale, alpha, causal_offset, s, *varlen
-        )
-        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, *save_varlen_args(ctx, varlen))
+        return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, alpha, causal_offset, length_scale, *varlen = inputs
+        _, row_max, tau, tile_flags = output
+        s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
+        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.alpha, ctx.causal_offset = scale, alpha, causal_offset
         save_length_scale_meta(ctx, length_scale)
-        return out
+        ctx.mark_non_differentiable(row_max, tau, tile_flags)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _drow_max, _dtau, _dflags):
         q, k, v, row_max, tau, tile_flags, s, *cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, ds = torch.ops.longattn.entmax_attention_bwd(
-            dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
-            *varlen_launch_args(ctx, cu_seqlens),
-        )
+        # No graph through the op: custom ops wrap themselves for autograd in a Function
+        # torch.func refuses. first_order_only gives the gradients theirs.
+        with torch.no_grad():
+            dq, dk, dv, ds = torch.ops.longattn.entmax_attention_bwd(
+                dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
+                *varlen_launch_args(ctx, cu_seqlens),
+            )
+        dq, dk, dv, ds = first_order_only("longattn::entmax_attention_bwd", (dq, dk, dv, ds),
+                                          (dout, q, k, v, s))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[6])
         return dq, dk, dv, None, None, None, d_length_scale, *varlen_no_grads(ctx, cu_seqlens)
 
 
 def _check_alpha(alpha) -> float:
     alpha = float(alpha)
-    if not 1.0 < alpha <= 2.0:
-        raise ValueError(f"alpha must be in (1, 2]; got {alpha}")
+    if not MIN_ALPHA <= alpha <= 2.0:
+        raise ValueError(f"alpha must be in [{MIN_ALPHA}, 2] (closer to 1, float32 cannot resolve the "
+                         f"threshold: use softmax); got {alpha}")
     return alpha
 
 
@@ -337,7 +361,7 @@ def entmax_attention(
             (query head h reads kv head `h // (Hq // Hkv)`), `D, Dv <= 256`, float16, bfloat16
             or float32, any strides.
         scale: logit scale, default `D ** -0.5`.
-        alpha: the entmax parameter, any float in `(1, 2]`; 2 is sparsemax, 1.5 is entmax15
+        alpha: the entmax parameter, any float in `[1.01, 2]` (MIN_ALPHA); 2 is sparsemax, 1.5 is entmax15
             (those two need no pow per element).
         is_causal: top-left causal mask, `j <= i`; same as `causal_offset=0`.
         causal_offset: key j allowed for row i iff `j <= i + causal_offset`; implies causal.
@@ -353,7 +377,7 @@ def entmax_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
-    return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale)
+    return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale)[0]
 
 
 def entmax_varlen_attention(
@@ -376,4 +400,4 @@ def entmax_varlen_attention(
     return EntmaxAttentionFunction.apply(
         q, k, v, scale, _check_alpha(alpha), 0 if is_causal else None, length_scale,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-    )
+    )[0]

@@ -16,6 +16,7 @@ from .common import HEURISTICS
 from .program import (
     allowed_keys,
     key_end,
+    keys_seen,
     load_tile,
     program_prologue,
     row_scales,
@@ -242,10 +243,14 @@ def entmax_attention_fwd_kernel(
     m_i, has_nan = _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk,
                                  causal_offset, n_end, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N, EVEN_D,
                                  DOT_PRECISION)
-    # A row with a NaN logit gives NaN, as the definition does: it takes no part in the search,
-    # its output, m and tau are stored as NaN, and its block keeps every tile flagged, so that
-    # the backward turns its gradients to NaN too.
-    nan_row = mask_m & (has_nan > 0)
+    # A row with a NaN logit gives NaN, as the definition does, and so does one whose max is +inf
+    # or, with keys to see, -inf: x - max is NaN at the max (inf - inf), which the clamp
+    # [.]_+ (a NaN-dropping maximum) would turn into weight 0, so that the row passed for empty.
+    # Such a row takes no part in the search, its output, m and tau are stored as NaN, and its
+    # block keeps every tile flagged, so that the backward turns its gradients to NaN too.
+    n_seen = keys_seen(offs_m, Nk, causal_offset)
+    inf_max = (m_i == float("inf")) | ((m_i == float("-inf")) & (n_seen > 0))
+    nan_row = mask_m & ((has_nan > 0) | inf_max)
     block_has_nan = tl.max(nan_row.to(tl.int32), 0) > 0
 
     # Newton passes on G(t) = ||[x - m - t]_+||_p = 1 from t = -1: t += (mass - mass^(1-1/p)) / slope,
@@ -256,7 +261,7 @@ def entmax_attention_fwd_kernel(
     # step that leaves the bracket by more than rounding is replaced by bisection. In exact
     # arithmetic none does, so it costs no pass. Rows past Nq (padding) and rows without keys
     # start at t = +inf and stay there: all their d are 0, so they flag no tile.
-    n_keys = tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 1).to(tl.float32)
+    n_keys = tl.maximum(n_seen, 1).to(tl.float32)
     active = mask_m & (m_i > float("-inf")) & ~nan_row
     m_i = tl.where(m_i > float("-inf"), m_i, 0.0)  # a row with no key: saved as 0 (and tau +inf)
     t = tl.where(active, -1.0, float("inf"))

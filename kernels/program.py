@@ -84,6 +84,13 @@ def sequence_offset(i_b, i_h, bos, stride_b, stride_h, stride_n):
 
 
 @triton.jit
+def keys_seen(offs_m, Nk, causal_offset):
+    """n_i, the number of keys each row may see (j < Nk, j <= i + causal_offset), [BM]: 0 tells
+    an empty row from one whose every allowed logit is -inf."""
+    return tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 0)
+
+
+@triton.jit
 def row_scales(s, i_h, offs_m, Nk, scale, causal_offset,
                BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr):
     """Per-row logit factor `scale * f_i` (f_i = s_h ln(n_i), or 1) and, for the gradient of s,
@@ -91,8 +98,7 @@ def row_scales(s, i_h, offs_m, Nk, scale, causal_offset,
     f_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
     ln_n = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_LENGTH_SCALE:
-        n_keys = tl.minimum(offs_m + causal_offset + 1, Nk)
-        ln_n = tl.log(tl.maximum(n_keys, 1).to(tl.float32))
+        ln_n = tl.log(tl.maximum(keys_seen(offs_m, Nk, causal_offset), 1).to(tl.float32))
         f_scale = f_scale * tl.load(s + i_h) * ln_n
     return f_scale, scale * ln_n
 

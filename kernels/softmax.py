@@ -3,14 +3,18 @@ offsets, grouped-query heads and fused length scaling (SSMax, Nakanishi 2025).
 
 Layers, as in fla: `@triton.jit` kernels; host launchers `softmax_attention_fwd` and
 `softmax_attention_bwd`, wrapped as the torch custom ops `longattn::softmax_attention_fwd` /
-`_bwd` (with fake implementations) so that `torch.compile(fullgraph=True)` treats them as opaque
-calls; `SoftmaxAttentionFunction`, the one place that wires them into autograd (so the ops carry
-no `register_autograd` formula of their own); and the entry `softmax_attention`.
+`_bwd` (with fake implementations, so that `torch.compile(fullgraph=True)` treats them as opaque
+calls, and vmap rules, so that `torch.func.vmap` batches them); `SoftmaxAttentionFunction`, the
+one place that wires them into autograd (so the ops carry no `register_autograd` formula of their
+own; in the form torch.func takes, its gradients first-order only); and the entry
+`softmax_attention`.
 Semantics are `attention/reference.py` with normalizer "softmax"::
 
     n_i = Nk if not causal else clamp(i + causal_offset + 1, 0, Nk)   # keys j <= i + causal_offset
     z_ij = scale * (s_h * ln(n_i) if length_scale is not None else 1) * q_i . k_j
-    out_i = softmax_j(z_ij) @ v, lse_i = logsumexp_j(z_ij); a row with n_i = 0 gives 0 and -inf.
+    out_i = softmax_j(z_ij) @ v, lse_i = logsumexp_j(z_ij); a row with n_i = 0 gives 0 and -inf,
+    one with a NaN or +inf logit, or only -inf ones, gives NaN (and NaN gradients where they
+    depend on it), as the definition does.
 
 Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): the inputs
 are packed `(total, H, D)` documents, program id 1 is `doc * H + head`, and each program reads its
@@ -33,6 +37,7 @@ from .common import (
     default_scale,
     dot_precision,
     fake_gradients,
+    first_order_only,
     forward_shapes,
     length_scale_grad,
     length_scale_grad_from_rows,
@@ -46,12 +51,14 @@ from .common import (
     tile_config,
     varlen_launch_args,
     varlen_no_grads,
+    vmap_by_loop,
 )
 from .common import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: longattn.kernels.softmax.MAX_HEAD_DIM
 from .program import (
     allowed_keys,
     head_row,
     key_end,
+    keys_seen,
     load_tile,
     program_prologue,
     row_scales,
@@ -133,11 +140,17 @@ def softmax_attention_fwd_kernel(
         k += BLOCK_N * stride_kn
         v += BLOCK_N * stride_vn
 
-    empty = l_i == 0.0  # no key allowed: output 0, lse -inf
-    l_safe = tl.where(empty, 1.0, l_i)
+    # l = 0: no key allowed (output 0, lse -inf), or every allowed logit is -inf. The latter's
+    # weights are 0 / 0, NaN in the definition: its output is NaN, its lse log 0 = -inf, and the
+    # backward's exp(z - lse) = exp(-inf + inf) makes its gradients NaN. (A NaN or +inf logit
+    # makes l NaN by itself.)
+    no_weight = l_i == 0.0
+    l_safe = tl.where(no_weight, 1.0, l_i)
+    undefined = no_weight & (keys_seen(offs_m, Nk, causal_offset) > 0)
+    b_o = tl.where(undefined[:, None], float("nan"), acc / l_safe[:, None])
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
-    store_tile(p_o, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
-    b_lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    store_tile(p_o, b_o.to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
+    b_lse = tl.where(no_weight, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(lse + offs_m, b_lse, mask=mask_m)
 
 
@@ -470,6 +483,10 @@ def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlen
     return fake_gradients(q, k, v, length_scale)
 
 
+_fwd_op.register_vmap(vmap_by_loop(_fwd_op))
+_bwd_op.register_vmap(vmap_by_loop(_bwd_op))
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd and the entry point
 # ----------------------------------------------------------------------------------------------
@@ -478,27 +495,40 @@ def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlen
 class SoftmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
     The trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`, are
-    given in varlen mode only."""
+    given in varlen mode only. Forward and `setup_context` apart, as torch.func needs; its vmap
+    rule is generated from the ops' (`vmap_by_loop`)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal_offset, length_scale, *varlen):
+    def forward(q, k, v, scale, causal_offset, length_scale, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
-        out, lse = torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen)
-        ctx.save_for_backward(q, k, v, out, lse, s, *save_varlen_args(ctx, varlen))
+        return torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, causal_offset, length_scale, *varlen = inputs
+        out, lse = output
+        s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
+        ctx.save_for_backward(q, k, v, out, lse, s, *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.causal_offset = scale, causal_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.set_materialize_grads(False)  # so an unused lse costs nothing in the backward
-        return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, s, *cu_seqlens = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
-            *varlen_launch_args(ctx, cu_seqlens),
-        )
+        # No graph through the op: custom ops wrap themselves for autograd in a Function
+        # torch.func refuses. first_order_only gives the gradients theirs.
+        with torch.no_grad():
+            dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
+                dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
+                *varlen_launch_args(ctx, cu_seqlens),
+            )
+        dq, dk, dv, ds = first_order_only("longattn::softmax_attention_bwd", (dq, dk, dv, ds),
+                                          (dout, dlse, q, k, v, out, lse, s))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[5])
         return dq, dk, dv, None, None, d_length_scale, *varlen_no_grads(ctx, cu_seqlens)
 
