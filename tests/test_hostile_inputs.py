@@ -377,3 +377,26 @@ def test_non_finite_inputs_spoil_the_rows_they_reach(settings, where, value, cau
         assert g.isnan().any() == w.isnan().any()
         finite = g.isfinite() & w.isfinite()
         torch.testing.assert_close(g[finite], w[finite], rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_over_packed_documents(settings, backend):
+    """`vmap` and `vmap(grad)` over `varlen_attention`, the documents shared by every sample."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = torch.randn(3, 12, 4, 8), torch.randn(3, 12, 2, 8), torch.randn(3, 12, 2, 8)
+
+    def attention(q, k, v):
+        return longattn.varlen_attention(q, k, v, cu, cu, is_causal=True, **settings, backend=backend)
+
+    def loss(q, k, v):
+        return attention(q, k, v).square().sum()
+
+    out = torch.func.vmap(attention)(q, k, v)
+    per_sample = torch.func.vmap(torch.func.grad(loss))(q, k, v)
+    for i in range(3):
+        qi = q[i].clone().requires_grad_()
+        want = attention(qi, k[i], v[i])
+        (want_grad,) = torch.autograd.grad(want.square().sum(), qi)
+        torch.testing.assert_close(out[i], want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(per_sample[i], want_grad, rtol=0, atol=1e-5)
