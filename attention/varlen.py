@@ -54,11 +54,13 @@ def varlen_attention(
         key: ``(total_k, Hkv, D)``; ``Hq`` a multiple of ``Hkv`` (grouped-query attention is
             always allowed: query head ``h`` reads key head ``h // (Hq // Hkv)``).
         value: ``(total_k, Hkv, Dv)``.
-        cu_seqlens_q, cu_seqlens_k: int32 (only, as flash-attn) 1-D tensors of length
-            ``num_docs + 1`` on the device of ``query``: 0, then the cumulative lengths, ending at
-            ``total_q`` / ``total_k``. Documents of length 0 are allowed.
-        max_seqlen_q, max_seqlen_k: the longest document's lengths; computed when None. Hints:
-            a value below the true maximum raises ``ValueError``.
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 (Hugging Face's collators give int64; they
+            are taken as int32, flash-attn's) 1-D tensors of length ``num_docs + 1`` on the
+            device of ``query``: 0, then the cumulative lengths, ending at ``total_q`` /
+            ``total_k``. Documents of length 0 are allowed.
+        max_seqlen_q, max_seqlen_k: the longest document's lengths, an int or a 0-d integer
+            tensor; computed when None. Hints: a value below the true maximum raises
+            ``ValueError``.
         is_causal, scale, normalizer, alpha, length_scale: as
             :func:`longattn.scaled_dot_product_attention`.
         backend: as :func:`longattn.scaled_dot_product_attention`. ``"triton"`` covers every
@@ -70,8 +72,8 @@ def varlen_attention(
         ``(total_q, Hq, Dv)`` in the dtype of ``query``.
     """
     _check_packed(query, key, value)
-    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query)
-    offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key)
+    cu_seqlens_q, offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query)
+    cu_seqlens_k, offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key)
     if len(offsets_q) != len(offsets_k):
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe the same number of documents; got "
@@ -112,13 +114,13 @@ def _check_packed(query, key, value) -> None:
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
 
 
-def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> list[int]:
-    """int32, 1-D, on `packed`'s device, from 0, non-decreasing, ending at `packed`'s length.
-    Returns the offsets as ints (one host sync)."""
+def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """int32 or int64, 1-D, on `packed`'s device, from 0, non-decreasing, ending at `packed`'s
+    length. Returns it as int32 and the offsets as ints (one host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32 (as in flash-attn); got {cu_seqlens.dtype}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (as in flash-attn) or int64; got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{name} must be 1-D of length num_docs + 1; got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != packed.device:
@@ -130,14 +132,20 @@ def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> list[int]:
         raise ValueError(f"{name} must be non-decreasing; got {offsets}")
     if offsets[-1] != packed.shape[0]:
         raise ValueError(f"{name} must end at the total length {packed.shape[0]}; got {offsets[-1]}")
-    return offsets
+    # ends at the packed length, which int32 holds on any real input: the cast loses nothing
+    return cu_seqlens.to(torch.int32), offsets
 
 
 def _check_max_seqlen(name: str, max_seqlen, offsets: list[int]) -> int:
     longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
     if max_seqlen is None:
         return longest
-    max_seqlen = checks.check_int(name, max_seqlen, "None or an int")
+    if isinstance(max_seqlen, torch.Tensor):  # Hugging Face passes 0-d tensors
+        if max_seqlen.dim() != 0 or max_seqlen.dtype.is_floating_point or max_seqlen.dtype == torch.bool:
+            raise TypeError(f"{name} must be None, an int or a 0-d integer tensor; got a tensor of "
+                            f"shape {tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}")
+        max_seqlen = int(max_seqlen)
+    max_seqlen = checks.check_int(name, max_seqlen, "None, an int or a 0-d integer tensor")
     if max_seqlen < longest:
         raise ValueError(f"{name} ({max_seqlen}) is below the longest document's length ({longest})")
     return max_seqlen

@@ -310,7 +310,8 @@ def _bad_cases():
         ("kv-length", dict(ok, value=v[:8]), ValueError, "same total length"),
         ("kv-heads", dict(ok, value=v[:, :1]), ValueError, "same number of heads"),
         ("gqa", dict(ok, key=torch.randn(9, 3, 8), value=torch.randn(9, 3, 6)), ValueError, "multiple"),
-        ("cu-int64", dict(ok, cu_seqlens_q=cq.long()), TypeError, "cu_seqlens_q must be int32"),
+        ("cu-float", dict(ok, cu_seqlens_q=cq.float()), TypeError, "cu_seqlens_q must be int32 .* or int64"),
+        ("cu-int16", dict(ok, cu_seqlens_k=ck.short()), TypeError, "cu_seqlens_k must be int32 .* or int64"),
         ("cu-list", dict(ok, cu_seqlens_k=[0, 4, 9]), TypeError, "cu_seqlens_k must be a torch.Tensor"),
         ("cu-2d", dict(ok, cu_seqlens_q=cq[None]), ValueError, "cu_seqlens_q must be 1-D"),
         ("cu-empty", dict(ok, cu_seqlens_q=cq[:0]), ValueError, "cu_seqlens_q must be 1-D"),
@@ -322,7 +323,10 @@ def _bad_cases():
         ("doc-count", dict(ok, cu_seqlens_k=cu([4, 0, 5], "cpu")), ValueError, "same number of documents"),
         ("max-small", dict(ok, max_seqlen_q=3), ValueError, r"max_seqlen_q \(3\) is below"),
         ("max-k-small", dict(ok, max_seqlen_k=4), ValueError, r"max_seqlen_k \(4\) is below"),
-        ("max-float", dict(ok, max_seqlen_k=5.0), TypeError, "max_seqlen_k must be None or an int"),
+        ("max-float", dict(ok, max_seqlen_k=5.0), TypeError, "max_seqlen_k must be None, an int or a 0-d"),
+        ("max-tensor-1d", dict(ok, max_seqlen_q=torch.tensor([4])), TypeError, "max_seqlen_q must be None"),
+        ("max-tensor-float", dict(ok, max_seqlen_q=torch.tensor(4.0)), TypeError, "max_seqlen_q must be"),
+        ("max-tensor-small", dict(ok, max_seqlen_q=torch.tensor(3)), ValueError, r"max_seqlen_q \(3\) is"),
         ("causal", dict(ok, is_causal=1), TypeError, "is_causal"),
         ("normalizer", dict(ok, normalizer="relu"), ValueError, "normalizer"),
         ("backend", dict(ok, backend="cuda"), ValueError, "backend"),
@@ -330,6 +334,22 @@ def _bad_cases():
         ("length-scale", dict(ok, length_scale=torch.ones(2)), ValueError, "length_scale"),
         ("scale", dict(ok, scale="x"), TypeError, "scale"),
     ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("normalizer", ["softmax", "entmax"])
+def test_hugging_face_offsets_and_lengths(backend, normalizer):
+    """int64 cu_seqlens and 0-d tensor max lengths (what transformers' packing collators pass)
+    give exactly the int32 / int result."""
+    device = "cpu" if backend != "triton" else DEVICE
+    cq, ck = cu([3, 0, 5], device), cu([4, 2, 6], device)
+    q = torch.randn(8, 4, 16, device=device)
+    k, v = torch.randn(12, 2, 16, device=device), torch.randn(12, 2, 8, device=device)
+    kwargs = dict(is_causal=True, normalizer=normalizer, backend=backend)
+    want = longattn.varlen_attention(q, k, v, cq, ck, 5, 6, **kwargs)
+    lengths = torch.tensor(5), torch.tensor(6, dtype=torch.int32)
+    got = longattn.varlen_attention(q, k, v, cq.long(), ck.long(), *lengths, **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [pytest.param(*c[1:], id=c[0]) for c in _bad_cases()])
