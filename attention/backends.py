@@ -93,23 +93,29 @@ def _flash_limits(call: AttentionCall) -> str:
 
 
 def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], str]:
-    """flash-attn aligns its causal mask bottom-right, `j <= i + Nk - Nq`; a window `(-1, r)`
-    widens it to `j <= i + Nk - Nq + r`. So `causal_offset` maps to `(causal, window)` when it
-    is at least `Nk - Nq`. Returns that, and "" or the reason it does not map."""
+    """flash-attn aligns its causal mask bottom-right, `j <= i + Nk - Nq` (in each packed
+    document, its own lengths); a window `(-1, r)` widens it to `j <= i + Nk - Nq + r`. So
+    `causal_offset` maps to `(causal, window)` when it is at least `Nk - Nq` (0 when packed and
+    counted from each document's end, or where every document has as many queries as keys).
+    Returns that, and "" or the reason it does not map."""
     offset = call.causal_offset
     if offset is None:
         return (False, (-1, -1)), ""
-    if call.docs is not None:  # one offset for every document: top-left equals bottom-right
-        offsets_q, offsets_k = call.docs.offsets_q, call.docs.offsets_k
-        lengths = zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])
-        if any(q1 - q0 != k1 - k0 for q0, q1, k0, k1 in lengths):
-            return (False, (-1, -1)), ("flash-attn aligns causal masks bottom-right in each document, which "
-                                       "equals is_causal only where documents have as many queries as keys")
-        return (True, (-1, -1)), ""
-    bottom_right = call.key.shape[-2] - call.query.shape[-2]
+    docs = call.docs
+    if docs is None:
+        bottom_right = call.key.shape[-2] - call.query.shape[-2]
+        least = f"Nk - Nq = {bottom_right}"
+    elif docs.causal_from_end or docs.lengths_match:
+        bottom_right, least = 0, "0, counted from each document's end"
+    else:
+        return (False, (-1, -1)), (
+            "flash-attn aligns causal masks bottom-right in each document, which equals an offset from "
+            "the document's start only where every document is known to have as many queries as keys "
+            "(given max_seqlen_q and max_seqlen_k, the offsets are not read); causal_offset='bottom_right' "
+            "maps with any lengths")
     if offset < bottom_right:
         return (False, (-1, -1)), (f"flash-attn aligns causal masks bottom-right: causal_offset must be at "
-                                   f"least Nk - Nq = {bottom_right}; got {offset}")
+                                   f"least {least}; got {offset}")
     if offset == bottom_right:
         return (True, (-1, -1)), ""
     return (False, (-1, offset - bottom_right)), ""
@@ -150,10 +156,9 @@ def triton_softmax(call: AttentionCall) -> torch.Tensor:
     if call.docs is None:
         return softmax_attention(q, k, v, scale=call.scale, causal_offset=call.causal_offset,
                                  length_scale=call.length_scale)
-    d = call.docs
-    return softmax_varlen_attention(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
-                                    scale=call.scale, is_causal=call.causal_offset is not None,
-                                    length_scale=call.length_scale)
+    return softmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale,
+                                    causal_offset=call.causal_offset, length_scale=call.length_scale,
+                                    causal_from_end=call.docs.causal_from_end)
 
 
 def triton_entmax(call: AttentionCall) -> torch.Tensor:
@@ -163,10 +168,14 @@ def triton_entmax(call: AttentionCall) -> torch.Tensor:
     if call.docs is None:
         return entmax_attention(q, k, v, scale=call.scale, alpha=call.alpha, causal_offset=call.causal_offset,
                                 length_scale=call.length_scale)
-    d = call.docs
-    return entmax_varlen_attention(q, k, v, d.cu_seqlens_q, d.cu_seqlens_k, d.max_seqlen_q, d.max_seqlen_k,
-                                   scale=call.scale, alpha=call.alpha,
-                                   is_causal=call.causal_offset is not None, length_scale=call.length_scale)
+    return entmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale, alpha=call.alpha,
+                                   causal_offset=call.causal_offset, length_scale=call.length_scale,
+                                   causal_from_end=call.docs.causal_from_end)
+
+
+def _triton_docs(docs) -> tuple:
+    """The varlen launchers' document arguments (the offsets stay on the device: no sync)."""
+    return docs.cu_seqlens_q, docs.cu_seqlens_k, docs.max_seqlen_q, docs.max_seqlen_k
 
 
 def flash_softmax(call: AttentionCall) -> torch.Tensor:
@@ -202,15 +211,18 @@ def flash_softmax(call: AttentionCall) -> torch.Tensor:
 def _flash_length_factor(call: AttentionCall) -> torch.Tensor:
     """`s_h ln(n_i)` in flash-attn's layout, `(B, Nq, Hq, 1)` or packed `(total_q, Hq, 1)`;
     `n_i` (the keys row i may see) as the causal rule and the documents give it, 1 for none."""
-    device, offset = call.query.device, call.causal_offset
-    if call.docs is None:
+    device, offset, docs = call.query.device, call.causal_offset, call.docs
+    if docs is None:
         rows = torch.arange(call.query.shape[-2], device=device)
         n_k = torch.full_like(rows, call.key.shape[-2])
-    else:  # each row's index within its document, and its document's key count
-        doc = torch.repeat_interleave(torch.arange(call.docs.count, device=device),
-                                      call.docs.cu_seqlens_q.diff().long())
-        rows = torch.arange(call.query.shape[0], device=device) - call.docs.cu_seqlens_q[:-1].long()[doc]
-        n_k = call.docs.cu_seqlens_k.diff().long()[doc]
+    else:  # each row's index within its document, and its document's key count; no host sync
+        n_q_docs = docs.cu_seqlens_q.diff().long()
+        doc = torch.repeat_interleave(torch.arange(docs.count, device=device), n_q_docs,
+                                      output_size=call.query.shape[0])
+        rows = torch.arange(call.query.shape[0], device=device) - docs.cu_seqlens_q[:-1].long()[doc]
+        n_k = docs.cu_seqlens_k.diff().long()[doc]
+        if offset is not None and docs.causal_from_end:
+            offset = offset + n_k - n_q_docs[doc]
     n = n_k if offset is None else torch.minimum(rows + offset + 1, n_k)
     ln_n = torch.log(n.clamp(min=1).float())
     s = torch.as_tensor(call.length_scale, dtype=torch.float32, device=device).expand(call.query.shape[1])

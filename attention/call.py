@@ -16,21 +16,52 @@ if TYPE_CHECKING:
     from .normalizers import Normalizer
 
 
+def clamp_causal_offset(causal_offset: int | None, n_q: int, n_k: int) -> int | None:
+    """The offset moved into `[-n_q, n_k]`, which changes no row: at `n_k` or above every row
+    sees every key, at `-n_q` or below none sees any. Keeps every path's index arithmetic (int64
+    in torch, int32 in the kernels) far from overflow."""
+    return None if causal_offset is None else max(-n_q, min(causal_offset, n_k))
+
+
 @dataclass(frozen=True)
 class PackedDocs:
     """Documents packed along dim 0 (flash-attn's varlen layout): document `d` holds query rows
-    `offsets_q[d]:offsets_q[d + 1]` and keys `offsets_k[d]:offsets_k[d + 1]`."""
+    `cu_seqlens_q[d]:cu_seqlens_q[d + 1]` and keys `cu_seqlens_k[d]:cu_seqlens_k[d + 1]`.
+
+    `causal_from_end`: the call's causal offset counts from each document's bottom-right corner,
+    key `j` allowed for row `i` iff `j <= i + causal_offset + n_k - n_q` (flash-attn's varlen
+    alignment; `causal_offset="bottom_right"` is offset 0 with it)."""
 
     cu_seqlens_q: torch.Tensor  # int32 (num_docs + 1,), on the inputs' device
     cu_seqlens_k: torch.Tensor
     max_seqlen_q: int
     max_seqlen_k: int
-    offsets_q: list[int]  # the same offsets on the host
-    offsets_k: list[int]
+    # The same offsets on the host, or None where they were not read (max_seqlen given: no sync).
+    offsets_q: list[int] | None
+    offsets_k: list[int] | None
+    causal_from_end: bool = False
 
     @property
     def count(self) -> int:
-        return len(self.offsets_q) - 1
+        return self.cu_seqlens_q.numel() - 1
+
+    def on_host(self) -> PackedDocs:
+        """These documents with their offsets on the host, read from cu_seqlens (a host sync)
+        where they were not."""
+        if self.offsets_q is not None:
+            return self
+        return replace(self, offsets_q=self.cu_seqlens_q.tolist(), offsets_k=self.cu_seqlens_k.tolist())
+
+    @property
+    def lengths_match(self) -> bool:
+        """Every document is known, without a sync, to have as many queries as keys (one
+        cu_seqlens for both, or host offsets that say so)."""
+        if self.cu_seqlens_q is self.cu_seqlens_k:
+            return True
+        if self.offsets_q is None:
+            return False
+        oq, ok = self.offsets_q, self.offsets_k
+        return all(q1 - q0 == k1 - k0 for q0, q1, k0, k1 in zip(oq, oq[1:], ok, ok[1:]))
 
 
 @dataclass(frozen=True)
@@ -41,7 +72,8 @@ class AttentionCall:
     `normalizer` is the canonical record (SSMax is softmax with `length_scale`, sparsemax is
     entmax with `alpha = 2`); `name` is what the caller asked for, for messages. Causality has
     one encoding: `causal_offset` None (no causal mask) or an int, key `j` allowed for row `i`
-    iff `j <= i + causal_offset` (0 is SDPA's top-left; in packed mode, per document).
+    iff `j <= i + causal_offset` (0 is SDPA's top-left; in packed mode, per document, counted
+    from its bottom-right corner where `docs.causal_from_end`).
     """
 
     query: torch.Tensor
@@ -68,10 +100,15 @@ class AttentionCall:
         return self.query.shape[dim] == 0 or self.key.shape[dim] == 0
 
     def document(self, d: int) -> AttentionCall:
-        """Document `d` of a packed call as a dense call on `(1, H, n, D)` views."""
+        """Document `d` of a packed call (its offsets on the host: `PackedDocs.on_host`) as a
+        dense call on `(1, H, n, D)` views, its causal offset counted from its own start."""
         (q0, q1), (k0, k1) = self.docs.offsets_q[d:d + 2], self.docs.offsets_k[d:d + 2]
         q, k, v = (
             t[a:b].transpose(0, 1).unsqueeze(0)
             for t, (a, b) in ((self.query, (q0, q1)), (self.key, (k0, k1)), (self.value, (k0, k1)))
         )
-        return replace(self, query=q, key=k, value=v, docs=None)
+        offset = self.causal_offset
+        if offset is not None and self.docs.causal_from_end:
+            offset += (k1 - k0) - (q1 - q0)
+        offset = clamp_causal_offset(offset, q1 - q0, k1 - k0)
+        return replace(self, query=q, key=k, value=v, causal_offset=offset, docs=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -16,9 +17,11 @@ import torch
 from ..kernels.common import MIN_ALPHA  # host side only: compiles no kernel
 from . import normalizers
 from .backends import BACKEND_CHOICES
-from .call import AttentionCall, PackedDocs
+from .call import AttentionCall, PackedDocs, clamp_causal_offset
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The causal offset that aligns the mask bottom-right: `Nk - Nq`, or in each packed document its own.
+BOTTOM_RIGHT = "bottom_right"
 
 
 def is_real_number(x) -> bool:
@@ -41,36 +44,43 @@ def check_backend(name) -> str:
     return check_choice("backend", name, BACKEND_CHOICES)
 
 
-def check_causal(is_causal, causal_offset) -> int | None:
+def check_causal(is_causal, causal_offset) -> int | str | None:
     """SDPA's flag and the offset as longattn's one encoding of causality: None (no causal
-    mask) or the offset, key j allowed for row i iff `j <= i + offset`; `is_causal` is 0, SDPA's
-    top-left, and an offset implies causal. Any size of offset is taken (`make_call` clamps it)."""
+    mask), the offset, key j allowed for row i iff `j <= i + offset`, or `"bottom_right"`
+    (`make_call` resolves it from the lengths); `is_causal` is 0, SDPA's top-left, and an offset
+    implies causal. Any size of offset is taken (`make_call` clamps it)."""
     is_causal = check_flag("is_causal", is_causal)
+    expected = f"None, an int or {BOTTOM_RIGHT!r}"
+    if isinstance(causal_offset, str):
+        if causal_offset != BOTTOM_RIGHT:
+            raise ValueError(f"causal_offset must be {expected}; got {causal_offset!r}")
+        return causal_offset
     if causal_offset is not None:
-        causal_offset = check_int("causal_offset", causal_offset, "None or an int")
+        causal_offset = check_int("causal_offset", causal_offset, expected)
     return 0 if causal_offset is None and is_causal else causal_offset
 
 
-def clamp_causal_offset(causal_offset: int | None, n_q: int, n_k: int) -> int | None:
-    """The offset moved into `[-n_q, n_k]`, which changes no row: at `n_k` or above every row
-    sees every key, at `-n_q` or below none sees any. Keeps every path's index arithmetic (int64
-    in torch, int32 in the kernels) far from overflow."""
-    return None if causal_offset is None else max(-n_q, min(causal_offset, n_k))
-
-
 def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale, scale: float | None,
-              causal_offset: int | None, attn_mask=None, dropout_p: float = 0.0,
+              causal_offset: int | str | None, attn_mask=None, dropout_p: float = 0.0,
               docs: PackedDocs | None = None) -> AttentionCall:
     """The call of checked arguments in canonical form: the normalizer rewritten to its base
     record (`normalizers.canonical`), the scale's default, `1 / sqrt(D)`, resolved, the causal
-    offset clamped to the lengths (`clamp_causal_offset`) and, under `torch.autocast`, the inputs
-    in its dtype (`_autocast`)."""
+    offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed) and clamped to the
+    lengths (`clamp_causal_offset`) and, under `torch.autocast`, the inputs in its dtype
+    (`_autocast`)."""
     record, alpha, length_scale = normalizers.canonical(normalizer, alpha, length_scale)
     query, key, value = _autocast(query, key, value)
     if docs is None:
+        if causal_offset == BOTTOM_RIGHT:
+            causal_offset = key.shape[-2] - query.shape[-2]
         causal_offset = clamp_causal_offset(causal_offset, query.shape[-2], key.shape[-2])
     else:
-        causal_offset = clamp_causal_offset(causal_offset, docs.max_seqlen_q, docs.max_seqlen_k)
+        if causal_offset == BOTTOM_RIGHT:
+            causal_offset, docs = 0, replace(docs, causal_from_end=True)
+        lengths = docs.max_seqlen_q, docs.max_seqlen_k
+        if docs.causal_from_end:  # as `offset + n_k - n_q`, it changes no row in [-max_k, max_q] instead
+            lengths = lengths[::-1]
+        causal_offset = clamp_causal_offset(causal_offset, *lengths)
     return AttentionCall(
         query, key, value, name=normalizer, normalizer=record, alpha=alpha, length_scale=length_scale,
         scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,

@@ -11,11 +11,14 @@ Nothing falls through to another path.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from ..kernels.common import first_order_only  # host side only: compiles no kernel
 from . import normalizers
 from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend
-from .call import AttentionCall
+from .call import AttentionCall, PackedDocs
 from .checks import autocast_dtype
 from .normalizers import Normalizer
 
@@ -59,9 +62,10 @@ def select(call: AttentionCall, backend: str) -> Backend:
 
 def run(call: AttentionCall, backend: str) -> torch.Tensor:
     """Runs a checked call on the backend `select` picks. Packed documents go to the backend in
-    one launch when it takes them (`Backend.packed`), else one document at a time. Autocast is
-    off inside: the call's tensors are already in its dtype (`checks.make_call`), and each path
-    chooses its own compute dtype."""
+    one launch when it takes them (`Backend.packed`), else one document at a time (under
+    torch.compile, inside custom ops: `_run_documents_op`). Autocast is off inside: the call's
+    tensors are already in its dtype (`checks.make_call`), and each path chooses its own compute
+    dtype."""
     device_type = call.query.device.type
     if autocast_dtype(device_type) is None:
         return _run(call, backend)
@@ -75,17 +79,125 @@ def _run(call: AttentionCall, backend: str) -> torch.Tensor:
         return _run_dense(call, chosen)
     if chosen.packed and not call.empty:
         return implementation(chosen, call.normalizer)(call)
-    q, v = call.query, call.value
-    outs = [q.new_empty(0, q.shape[1], v.shape[2])]  # for zero documents
-    for d in range(call.docs.count):
-        outs.append(_run_dense(call.document(d), chosen)[0].transpose(0, 1))  # (n_d, Hq, Dv)
-    return torch.cat(outs)
+    if torch.compiler.is_compiling():
+        return _run_documents_op(call, chosen)
+    return _run_documents(call, chosen)
 
 
 def _run_dense(call: AttentionCall, backend: Backend) -> torch.Tensor:
     if call.empty:  # no query or no key: nothing to tile
         backend = REFERENCE
     return implementation(backend, call.normalizer)(call)
+
+
+def _run_documents(call: AttentionCall, backend: Backend) -> torch.Tensor:
+    """A packed call one document at a time, each a dense call on `backend`; the offsets are
+    read on the host (one sync) where they were not."""
+    call = replace(call, docs=call.docs.on_host())
+    q, v = call.query, call.value
+    outs = [q.new_empty(0, q.shape[1], v.shape[2])]  # for zero documents
+    for d in range(call.docs.count):
+        outs.append(_run_dense(call.document(d), backend)[0].transpose(0, 1))  # (n_d, Hq, Dv)
+    return torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-document loop under torch.compile. The loop reads the offsets on the host, which a
+# traced graph cannot (its lengths would be data), so there it runs inside custom ops: opaque to
+# the compiler, shaped by their fake implementations. Eager calls keep the plain loop above,
+# whose autograd graph needs no recompute and has second derivatives.
+
+
+def _run_documents_op(call: AttentionCall, backend: Backend) -> torch.Tensor:
+    """`_run_documents` through `longattn::packed_documents_fwd`, whose backward,
+    `longattn::packed_documents_bwd`, recomputes each document's forward under `torch.func.vjp`
+    (inside an op autograd records nothing; torch.func's transforms still do). Its gradients are
+    first-order only."""
+    return torch.ops.longattn.packed_documents_fwd(*_op_args(call, backend))
+
+
+def _op_args(call: AttentionCall, backend: Backend) -> tuple:
+    """A packed call as the ops' arguments, `(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale,
+    *settings)`: a tensor length scale beside the tensors (it may require grad), a float one among
+    the settings."""
+    d, s = call.docs, call.length_scale
+    tensor_s = s if torch.is_tensor(s) else None
+    return (call.query, call.key, call.value, d.cu_seqlens_q, d.cu_seqlens_k, tensor_s,
+            None if tensor_s is not None else s, backend.name, call.normalizer.name, call.alpha, call.scale,
+            call.causal_offset, d.max_seqlen_q, d.max_seqlen_k, d.causal_from_end)
+
+
+def _op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, length_scale_value, backend, normalizer,
+             alpha, scale, causal_offset, max_seqlen_q, max_seqlen_k,
+             causal_from_end) -> tuple[AttentionCall, Backend]:
+    """The call and the backend of `_op_args`, rebuilt inside the ops."""
+    docs = PackedDocs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, causal_from_end)
+    call = AttentionCall(q, k, v, name=normalizer, normalizer=normalizers.get(normalizer), alpha=alpha,
+                         length_scale=length_scale_value if length_scale is None else length_scale,
+                         scale=scale, causal_offset=causal_offset, docs=docs)
+    return call, BACKENDS[backend]
+
+
+@torch.library.custom_op("longattn::packed_documents_fwd", mutates_args=())
+def _documents_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    length_scale: torch.Tensor | None, length_scale_value: float | None, backend: str, normalizer: str,
+    alpha: float, scale: float, causal_offset: int | None, max_seqlen_q: int, max_seqlen_k: int,
+    causal_from_end: bool,
+) -> torch.Tensor:
+    return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, length_scale_value,
+                                    backend, normalizer, alpha, scale, causal_offset, max_seqlen_q,
+                                    max_seqlen_k, causal_from_end))
+
+
+@_documents_fwd.register_fake
+def _(q, k, v, *args):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+@torch.library.custom_op("longattn::packed_documents_bwd", mutates_args=())
+def _documents_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, length_scale: torch.Tensor | None, length_scale_value: float | None,
+    backend: str, normalizer: str, alpha: float, scale: float, causal_offset: int | None, max_seqlen_q: int,
+    max_seqlen_k: int, causal_from_end: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dq`, `dk`, `dv` and the length scale's gradient (empty without a tensor one)."""
+    settings = (length_scale_value, backend, normalizer, alpha, scale, causal_offset, max_seqlen_q,
+                max_seqlen_k, causal_from_end)
+
+    def forward(q, k, v, length_scale=None):
+        return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, *settings))
+
+    primals = (q, k, v) if length_scale is None else (q, k, v, length_scale)
+    _, vjp = torch.func.vjp(forward, *primals)
+    dq, dk, dv, *ds = vjp(grad_out)
+    return dq, dk, dv, ds[0] if ds else q.new_empty(0)
+
+
+@_documents_bwd.register_fake
+def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, *args):
+    ds = q.new_empty(0) if length_scale is None else length_scale.new_empty(length_scale.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+
+
+def _documents_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, *settings = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale)
+    ctx.settings = settings
+
+
+def _documents_backward(ctx, grad_out):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale = ctx.saved_tensors
+    with torch.no_grad():
+        grads = torch.ops.longattn.packed_documents_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                        length_scale, *ctx.settings)
+    dq, dk, dv, ds = first_order_only("longattn::packed_documents_bwd", grads,
+                                      (grad_out, q, k, v, length_scale))
+    return dq, dk, dv, None, None, ds if ctx.needs_input_grad[5] else None, *(None,) * len(ctx.settings)
+
+
+_documents_fwd.register_autograd(_documents_backward, setup_context=_documents_setup)
 
 
 # ---------------------------------------------------------------------------------------------

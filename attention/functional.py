@@ -21,7 +21,7 @@ def scaled_dot_product_attention(
     normalizer: str = "softmax",
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
-    causal_offset: int | None = None,
+    causal_offset: int | str | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Scaled dot-product attention with a choice of normalizer.
@@ -96,9 +96,9 @@ def scaled_dot_product_attention(
             ``"ssmax"`` defaults it to 1.0; with the other normalizers it gives their
             length-scaled variants.
         causal_offset: a shifted causal mask, key ``j`` allowed for row ``i`` iff
-            ``j <= i + causal_offset`` (implies causal; ``is_causal`` is offset 0). ``Nk - Nq``
-            aligns it bottom-right, as decoding with a KV cache needs; rows left with no key
-            give 0.
+            ``j <= i + causal_offset`` (implies causal; ``is_causal`` is offset 0). ``Nk - Nq``,
+            or ``"bottom_right"`` for short, aligns it bottom-right, as decoding with a KV cache
+            needs; rows left with no key give 0.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash"``
             (flash-attn, when installed: softmax and SSMax on CUDA in 16 bits). ``"auto"`` takes
             the first of flash-attn and the Triton kernels that serves a CUDA call, else

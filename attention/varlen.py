@@ -19,6 +19,7 @@ def varlen_attention(
     max_seqlen_k: int | None = None,
     *,
     is_causal: bool = False,
+    causal_offset: int | str | None = None,
     scale: float | None = None,
     normalizer: str = "softmax",
     alpha: float = 1.5,
@@ -45,9 +46,12 @@ def varlen_attention(
 
     So every semantic of :func:`longattn.scaled_dot_product_attention` holds per document:
     ``is_causal`` is top-left within each document (key ``j`` for row ``i`` iff ``j <= i``, both
-    counted from the document's start, also when its query and key lengths differ); length
-    scaling (SSMax, Nakanishi 2025) uses each row's own ``n_i``, the keys of its document it may
-    see; a document with queries but no keys gives 0.
+    counted from the document's start, also when its query and key lengths differ), and so is
+    an int ``causal_offset``; ``causal_offset="bottom_right"`` aligns each document's mask
+    bottom-right, ``j <= i + m_d - n_d`` (flash-attn's varlen causal mask: queries that
+    continue a cached prefix, as in chunked prefill and decoding); length scaling (SSMax,
+    Nakanishi 2025) uses each row's own ``n_i``, the keys of its document it may see; a
+    document with queries but no keys gives 0.
 
     Args:
         query: ``(total_q, Hq, D)``.
@@ -59,35 +63,46 @@ def varlen_attention(
             device of ``query``: 0, then the cumulative lengths, ending at ``total_q`` /
             ``total_k``. Documents of length 0 are allowed.
         max_seqlen_q, max_seqlen_k: the longest document's lengths, an int or a 0-d integer
-            tensor; computed when None. Hints: a value below the true maximum raises
-            ``ValueError``.
-        is_causal, scale, normalizer, alpha, length_scale: as
-            :func:`longattn.scaled_dot_product_attention`.
+            tensor (read with ``int()``: a host sync where it lives on a GPU); computed when
+            None. Given both, the offsets are trusted, as flash-attn trusts them: their values
+            are not read, so the one-launch backends run without a host sync (and under
+            ``torch.compile(fullgraph=True)``, given as ints; there the per-document loop runs
+            inside custom ops, its gradients first-order only), and wrong offsets or hints below
+            the true maximum give wrong results. Without both, the offsets are read and checked
+            (one sync), and a hint below the true maximum raises ``ValueError``.
+        is_causal, causal_offset, scale, normalizer, alpha, length_scale: as
+            :func:`longattn.scaled_dot_product_attention`, per document.
         backend: as :func:`longattn.scaled_dot_product_attention`. ``"triton"`` covers every
             normalizer in float16, bfloat16 and float32; ``"flash"`` softmax and SSMax in 16 bits
-            (causal only where every document has as many queries as keys); ``"auto"`` takes the
-            first of them that serves a CUDA call, and the per-document loop otherwise.
+            (an int ``causal_offset`` only where every document is known to have as many
+            queries as keys, ``"bottom_right"`` with any lengths); ``"auto"`` takes the first of
+            them that serves a CUDA call, and the per-document loop otherwise.
 
     Returns:
         ``(total_q, Hq, Dv)`` in the dtype of ``query``.
     """
     _check_packed(query, key, value)
-    cu_seqlens_q, offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query)
-    cu_seqlens_k, offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key)
-    if len(offsets_q) != len(offsets_k):
+    trusted = max_seqlen_q is not None and max_seqlen_k is not None
+    # one tensor for both: every document has as many queries as keys, known without a sync
+    shared = cu_seqlens_k is cu_seqlens_q
+    cu_seqlens_q, offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query, trusted)
+    cu_seqlens_k, offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key, trusted)
+    if shared:
+        cu_seqlens_k = cu_seqlens_q
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe the same number of documents; got "
-            f"{len(offsets_q) - 1} and {len(offsets_k) - 1}"
+            f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
         )
     docs = PackedDocs(
         cu_seqlens_q, cu_seqlens_k, _check_max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q),
         _check_max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k), offsets_q, offsets_k,
     )
-    is_causal = checks.check_flag("is_causal", is_causal)
+    causal_offset = checks.check_causal(is_causal, causal_offset)
     call = checks.make_call(
         query, key, value, normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
         length_scale=checks.check_length_scale(length_scale, query.shape[1], query.device),
-        scale=checks.check_scale(scale), causal_offset=0 if is_causal else None, docs=docs,
+        scale=checks.check_scale(scale), causal_offset=causal_offset, docs=docs,
     )
     return dispatch.run(call, checks.check_backend(backend))
 
@@ -114,9 +129,11 @@ def _check_packed(query, key, value) -> None:
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
 
 
-def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """int32 or int64, 1-D, on `packed`'s device, from 0, non-decreasing, ending at `packed`'s
-    length. Returns it as int32 and the offsets as ints (one host sync)."""
+def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor,
+                      trusted: bool) -> tuple[torch.Tensor, list[int] | None]:
+    """int32 or int64, 1-D, on `packed`'s device and, unless `trusted`, from 0, non-decreasing,
+    ending at `packed`'s length. Returns it as int32 and the offsets as ints (one host sync), or
+    None for them when trusted (no sync: their values are not read)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -125,6 +142,9 @@ def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> tuple[torc
         raise ValueError(f"{name} must be 1-D of length num_docs + 1; got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != packed.device:
         raise ValueError(f"{name} must be on {packed.device}; got {cu_seqlens.device}")
+    # values up to the packed length, which int32 holds on any real input: the cast loses nothing
+    if trusted:
+        return cu_seqlens.to(torch.int32), None
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"{name} must start at 0; got {offsets[0]}")
@@ -132,20 +152,24 @@ def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor) -> tuple[torc
         raise ValueError(f"{name} must be non-decreasing; got {offsets}")
     if offsets[-1] != packed.shape[0]:
         raise ValueError(f"{name} must end at the total length {packed.shape[0]}; got {offsets[-1]}")
-    # ends at the packed length, which int32 holds on any real input: the cast loses nothing
     return cu_seqlens.to(torch.int32), offsets
 
 
-def _check_max_seqlen(name: str, max_seqlen, offsets: list[int]) -> int:
-    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+def _check_max_seqlen(name: str, max_seqlen, offsets: list[int] | None) -> int:
+    """The hint as an int (the longest document's length when None), held against the longest
+    document where the offsets were read."""
     if max_seqlen is None:
-        return longest
+        return _longest(offsets)
     if isinstance(max_seqlen, torch.Tensor):  # Hugging Face passes 0-d tensors
         if max_seqlen.dim() != 0 or max_seqlen.dtype.is_floating_point or max_seqlen.dtype == torch.bool:
             raise TypeError(f"{name} must be None, an int or a 0-d integer tensor; got a tensor of "
                             f"shape {tuple(max_seqlen.shape)} and dtype {max_seqlen.dtype}")
         max_seqlen = int(max_seqlen)
     max_seqlen = checks.check_int(name, max_seqlen, "None, an int or a 0-d integer tensor")
-    if max_seqlen < longest:
+    if offsets is not None and max_seqlen < (longest := _longest(offsets)):
         raise ValueError(f"{name} ({max_seqlen}) is below the longest document's length ({longest})")
     return max_seqlen
+
+
+def _longest(offsets: list[int]) -> int:
+    return max((b - a for a, b in zip(offsets, offsets[1:])), default=0)

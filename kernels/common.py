@@ -82,13 +82,15 @@ def length_scale_vector(length_scale, num_heads: int, device) -> torch.Tensor | 
     return s.expand(num_heads).contiguous()
 
 
-def causal_args(causal_offset: int | None, Nq: int, Nk: int) -> tuple[bool, int]:
-    """`(IS_CAUSAL, offset)`. Without the mask every row sees every key, as with an offset of Nk:
-    the kernels' bounds then need no branch. Clamping to [-Nq, Nk] changes no row and keeps the
-    kernels' index arithmetic in int32."""
+def causal_args(causal_offset: int | None, Nq: int, Nk: int,
+                from_end: bool = False) -> tuple[bool, int, bool]:
+    """`(IS_CAUSAL, offset, CAUSAL_FROM_END)`. Without the mask every row sees every key, as with
+    an offset of Nk: the kernels' bounds then need no branch. Clamping to [-Nq, Nk] changes no
+    row and keeps the kernels' index arithmetic in int32. `from_end` (varlen): the offset counts
+    from each document's bottom-right corner (the kernels add its `Nk - Nq`); it needs the mask."""
     if causal_offset is None:
-        return False, Nk
-    return True, max(-Nq, min(int(causal_offset), Nk))
+        return False, Nk, False
+    return True, max(-Nq, min(int(causal_offset), Nk)), from_end
 
 
 def shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -231,20 +233,20 @@ def first_order_only(op_name: str, grads: tuple, sources: tuple) -> tuple:
 
 def save_varlen_args(ctx, varlen: tuple) -> tuple:
     """An autograd function's trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k)` in varlen mode and none otherwise: keeps the max lengths on `ctx` and returns
-    the cu_seqlens, to be saved with the tensors."""
-    ctx.max_seqlens = varlen[2:]
+    max_seqlen_k, causal_from_end)` in varlen mode and none otherwise: keeps the scalars on `ctx`
+    and returns the cu_seqlens, to be saved with the tensors."""
+    ctx.varlen_scalars = varlen[2:]
     return varlen[:2]
 
 
 def varlen_launch_args(ctx, cu_seqlens) -> tuple:
     """The saved varlen arguments, in the launchers' order (empty in dense mode)."""
-    return (*cu_seqlens, *ctx.max_seqlens)
+    return (*cu_seqlens, *ctx.varlen_scalars)
 
 
 def varlen_no_grads(ctx, cu_seqlens) -> tuple:
     """The trailing varlen arguments' gradients: None each."""
-    return (None,) * (len(cu_seqlens) + len(ctx.max_seqlens))
+    return (None,) * (len(cu_seqlens) + len(ctx.varlen_scalars))
 
 
 def save_length_scale_meta(ctx, length_scale) -> None:

@@ -111,7 +111,7 @@ def entmax_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alpha: float,
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
@@ -122,8 +122,8 @@ def entmax_attention_fwd(
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
     `[x - row_max - tau]_+ ** (1 / (alpha - 1))`, normalised; a row with no key has 0 and +inf;
     and the int8 `tile_flags` (`_tile_flags_shape`) of the tiles with a non-zero weight.
-    Varlen as in `softmax_attention_fwd`: packed `(total, H, D)` inputs, `out` (total_q, Hq, Dv),
-    `row_max` and `tau` (Hq, total_q)."""
+    Varlen as in `softmax_attention_fwd` (`causal_from_end` too): packed `(total, H, D)` inputs,
+    `out` (total_q, Hq, Dv), `row_max` and `tau` (Hq, total_q)."""
     varlen = cu_seqlens_q is not None
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out_shape, row_shape = forward_shapes(q, v, varlen)
@@ -135,7 +135,7 @@ def entmax_attention_fwd(
     tile_flags = torch.zeros(flags_shape, dtype=torch.int8, device=q.device)
     if B * Hq * grid_nq == 0:
         return out, row_max, tau, tile_flags
-    is_causal, offset = causal_args(causal_offset, Nq, Nk)
+    is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
@@ -155,7 +155,7 @@ def entmax_attention_fwd(
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, *flags_shape[1:],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        IS_CAUSAL=is_causal, DOT_PRECISION=dot_precision(q.dtype),
+        IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, DOT_PRECISION=dot_precision(q.dtype),
         MAX_STEPS=MAX_NEWTON_STEPS, TOL=NEWTON_TOL, BISECT_ONLY=BISECT_ONLY,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -168,7 +168,7 @@ def entmax_attention_bwd(
     causal_offset: int | None,
     length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
     the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns
@@ -177,7 +177,7 @@ def entmax_attention_bwd(
     packed layouts."""
     varlen = cu_seqlens_q is not None
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    is_causal, offset = causal_args(causal_offset, Nq, Nk)
+    is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     row_max, tau = row_max.float().contiguous(), tau.float().contiguous()
@@ -192,7 +192,7 @@ def entmax_attention_bwd(
     # the dQ program reads the flags tile for tile: it needs the forward's blocks
     assert (BLOCK_HELD, BLOCK_STREAMED) == _tile_blocks(D, Dv, q.dtype)
     n_blocks = _tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]
-    common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal,
+    common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
               "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
     scalars = (float(scale), float(alpha), offset)
     qkv_strides = (*strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen))
@@ -251,14 +251,15 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
-                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     flags = q.new_empty(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k), dtype=torch.int8)
     return (q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32),
@@ -271,17 +272,17 @@ def _bwd_op(
     tau: torch.Tensor, tile_flags: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
     length_scale: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset,
                                           length_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k)
+                                          max_seqlen_k, causal_from_end)
     return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
     return fake_gradients(q, k, v, length_scale)
 
 
@@ -296,7 +297,8 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class EntmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd. The trailing arguments,
-    `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`, are given in varlen mode only.
+    `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in
+    varlen mode only.
     Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
     ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
     only what `setup_context` sees); they are not differentiable, and `entmax_attention` returns
@@ -392,12 +394,16 @@ def entmax_varlen_attention(
     alpha: float = 1.5,
     is_causal: bool = False,
     length_scale: float | torch.Tensor | None = None,
+    causal_offset: int | None = None,
+    causal_from_end: bool = False,
 ) -> torch.Tensor:
     """alpha-entmax attention over packed documents (flash-attn's varlen layout): arguments as
     `softmax_varlen_attention`, plus `alpha` as `entmax_attention`. Returns `(total_q, Hq, Dv)`."""
     check_inputs(q, k, v, varlen=True)
     scale = default_scale(q, scale)
+    if causal_offset is None and is_causal:
+        causal_offset = 0
     return EntmaxAttentionFunction.apply(
-        q, k, v, scale, _check_alpha(alpha), 0 if is_causal else None, length_scale,
-        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
+        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )[0]

@@ -47,6 +47,7 @@ def entmax_attention_bwd_kernel_dkdv(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
@@ -54,8 +55,9 @@ def entmax_attention_bwd_kernel_dkdv(
     keys) are all clear."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in the row stats: (B, Hq, Nq), or (Hq, total_q) in varlen mode
-    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, BLOCK_N, True, IS_VARLEN)
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, _row, done = program_prologue(
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True, IS_VARLEN,
+        CAUSAL_FROM_END)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,14 +214,16 @@ def entmax_attention_bwd_kernel_dq(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
     ds_h, `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic).
     Both passes visit the flagged tiles only: the forward's blocks."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, BLOCK_M, False, IS_VARLEN)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
+        CAUSAL_FROM_END)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)

@@ -25,8 +25,9 @@ def doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
 
 
 @triton.jit
-def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk,
-                     BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr):
+def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk, causal_offset,
+                     BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     CAUSAL_FROM_END: tl.constexpr):
     """Where the program with ids `(i_blk, i_bh)` works: the one prologue of every kernel.
 
     A query-block program (forward, dQ; `KEY_BLOCKS` false) holds block `i_blk` of the rows of
@@ -35,10 +36,14 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk,
     and `H = Hkv`; its `i_h` is the group's first query head. In varlen mode the batch index is
     the document (the batch strides are 0).
 
-    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done)`:
+    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done)`:
     - `bos_q`, `bos_k`: the sequence's first query row and key in the packed layout (int64; 0
       when dense), for the base pointers (`sequence_offset`);
     - `Nq`, `Nk`: the sequence's lengths (the document's in varlen mode);
+    - `causal_offset`: the sequence's; in varlen mode with `CAUSAL_FROM_END` (set only with the
+      causal mask) the one given counts from the document's bottom-right corner, so the
+      document's is `causal_offset + Nk - Nq`, clamped to `[-Nq, Nk]` as the launchers clamp
+      (`causal_args`), which changes no row;
     - `row`: head `i_h`'s first row in the per-row statistics (`head_row`);
     - `done`: the block starts past the document's end (the grid spans the longest document; a
       dense grid has no such block), so the program returns at once."""
@@ -57,11 +62,13 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk,
         done = i_blk * BLOCK >= (len_k if KEY_BLOCKS else len_q)
         row = head_row(i_b, i_h, None, Nq, bos_q, True)  # no batch dim: Hq is not needed
         Nq, Nk = len_q, len_k
+        if CAUSAL_FROM_END:
+            causal_offset = tl.maximum(tl.minimum(causal_offset + Nk - Nq, Nk), -Nq)
     elif KEY_BLOCKS:
         row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
     else:
         row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
-    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done
+    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done
 
 
 @triton.jit

@@ -19,7 +19,9 @@ Semantics are `attention/reference.py` with normalizer "softmax"::
 Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): the inputs
 are packed `(total, H, D)` documents, program id 1 is `doc * H + head`, and each program reads its
 document's offsets and lengths from cu_seqlens, so the above holds per document with rows and
-keys counted from the document's start (`softmax_varlen_attention`). It compiles away otherwise.
+keys counted from the document's start (`softmax_varlen_attention`); with `CAUSAL_FROM_END` the
+causal offset counts from its bottom-right corner, each program adding its document's
+`Nk - Nq` (`program_prologue`). It compiles away otherwise.
 """
 
 from __future__ import annotations
@@ -88,11 +90,12 @@ def softmax_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, BLOCK_M, False, IS_VARLEN)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
+        CAUSAL_FROM_END)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -165,8 +168,8 @@ def softmax_attention_bwd_preprocess_kernel(
     """delta_i = sum_d dO_id O_id, the row term of the softmax gradient."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # row-wise, so varlen runs it over the packed rows as one sequence: never IS_VARLEN
-    i_b, i_h, _, bos_q, _, _, _, row, _ = program_prologue(
-        i_m, i_bh, None, None, Hq, 1, Nq, 0, BLOCK_M, False, False)
+    i_b, i_h, _, bos_q, _, _, _, _, row, _ = program_prologue(
+        i_m, i_bh, None, None, Hq, 1, Nq, 0, 0, BLOCK_M, False, False, False)
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < Nq)[:, None] & (offs_dv < Dv)[None, :]
@@ -203,14 +206,15 @@ def softmax_attention_bwd_kernel_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in lse, delta: (B, Hq, Nq), or (Hq, total_q) in varlen mode
-    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, BLOCK_N, True, IS_VARLEN)
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, _row, done = program_prologue(
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True, IS_VARLEN,
+        CAUSAL_FROM_END)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,13 +287,14 @@ def softmax_attention_bwd_kernel_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, BLOCK_M, False, IS_VARLEN)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
+        CAUSAL_FROM_END)
     if done:
         return
     k += sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn)
@@ -349,7 +354,7 @@ def softmax_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides.
     `causal_offset`: None (no mask) or key j allowed for row i iff j <= i + causal_offset.
@@ -359,8 +364,9 @@ def softmax_attention_fwd(
     Varlen, with `cu_seqlens_q`, `cu_seqlens_k` (int32, `(num_docs + 1,)`, checked by the caller)
     and the longest document's lengths `max_seqlen_q`, `max_seqlen_k`: `q` (total_q, Hq, D), `k`
     (total_k, Hkv, D), `v` (total_k, Hkv, Dv); each document is a sequence of its own, rows and
-    keys counted from its start (so `causal_offset` applies per document). Returns `out`
-    (total_q, Hq, Dv) and `lse` (Hq, total_q)."""
+    keys counted from its start (so `causal_offset` applies per document; with `causal_from_end`
+    it counts from the document's bottom-right corner, `j <= i + causal_offset + n_k - n_q`).
+    Returns `out` (total_q, Hq, Dv) and `lse` (Hq, total_q)."""
     varlen = cu_seqlens_q is not None
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out_shape, row_shape = forward_shapes(q, v, varlen)
@@ -368,7 +374,7 @@ def softmax_attention_fwd(
     lse = torch.empty(row_shape, dtype=torch.float32, device=q.device)
     if B * Hq * grid_nq == 0:
         return out, lse
-    is_causal, offset = causal_args(causal_offset, Nq, Nk)
+    is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
@@ -377,7 +383,7 @@ def softmax_attention_fwd(
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        IS_CAUSAL=is_causal, DOT_PRECISION=dot_precision(q.dtype),
+        IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -388,7 +394,7 @@ def softmax_attention_bwd(
     out: torch.Tensor, lse: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale=None, dlse: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `softmax_attention_fwd` from the upstream `do` (and `dlse`, the gradient of
     the lse, if any). `out` and `lse` may come from elsewhere, e.g. merged over key shards: P is
@@ -397,7 +403,7 @@ def softmax_attention_bwd(
     `softmax_attention_fwd`, the tensors in its packed layouts."""
     varlen = cu_seqlens_q is not None
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    is_causal, offset = causal_args(causal_offset, Nq, Nk)
+    is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
@@ -405,7 +411,7 @@ def softmax_attention_bwd(
     BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(
         max(BLOCK_D, BLOCK_DV), q.dtype, backward=True
     )
-    common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal,
+    common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
               "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
 
     # delta is row-wise: varlen runs it over the packed rows as one sequence, (1, Hq, total_q).
@@ -452,14 +458,15 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale,
-                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     return q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32)
 
@@ -470,16 +477,17 @@ def _bwd_op(
     lse: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, dlse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse,
-                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           causal_from_end)
     return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
     return fake_gradients(q, k, v, length_scale)
 
 
@@ -494,9 +502,9 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
-    The trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`, are
-    given in varlen mode only. Forward and `setup_context` apart, as torch.func needs; its vmap
-    rule is generated from the ops' (`vmap_by_loop`)."""
+    The trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    causal_from_end)`, are given in varlen mode only. Forward and `setup_context` apart, as
+    torch.func needs; its vmap rule is generated from the ops' (`vmap_by_loop`)."""
 
     generate_vmap_rule = True
 
@@ -584,6 +592,8 @@ def softmax_varlen_attention(
     is_causal: bool = False,
     length_scale: float | torch.Tensor | None = None,
     return_lse: bool = False,
+    causal_offset: int | None = None,
+    causal_from_end: bool = False,
 ):
     """Softmax attention over packed documents (flash-attn's varlen layout) by the same kernels.
 
@@ -597,6 +607,11 @@ def softmax_varlen_attention(
         is_causal: top-left within each document: key j for row i iff `j <= i`, both counted
             from the document's start.
         return_lse: also return the lse, `(Hq, total_q)` float32 (differentiable).
+        causal_offset: key j allowed for row i iff `j <= i + causal_offset`, per document;
+            implies causal.
+        causal_from_end: with a causal mask, the offset counts from each document's bottom-right
+            corner instead, `j <= i + causal_offset + n_k - n_q` (`is_causal=True,
+            causal_from_end=True` is flash-attn's varlen causal mask).
 
     Returns:
         `(total_q, Hq, Dv)` in q's dtype (and the lse). Document d's queries see document d's
@@ -604,9 +619,10 @@ def softmax_varlen_attention(
     """
     check_inputs(q, k, v, varlen=True)
     scale = default_scale(q, scale)
+    if causal_offset is None and is_causal:
+        causal_offset = 0
     out, lse = SoftmaxAttentionFunction.apply(
-        q, k, v, scale, 0 if is_causal else None, length_scale,
-        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        q, k, v, scale, causal_offset, length_scale,
+        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )
     return (out, lse) if return_lse else out
-

@@ -1,7 +1,9 @@
 """`longattn.varlen_attention` (packed documents, flash-attn's varlen layout) against the dense
 function applied to each document: the output and every gradient, on the per-document loop
 (all normalizers) and on the Triton kernels' varlen mode (softmax, SSMax, sparsemax, entmax),
-plus bad inputs.
+causal offsets per document (an int from each document's start, "bottom_right" from its end)
+and how flash-attn's adaptor maps them, plus bad inputs. `torch.compile` and host syncs are
+`tests/test_varlen_compile.py`'s.
 
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1 is set in conftest.py).
 """
@@ -10,14 +12,15 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import longattn
-from longattn.attention import normalizers
+from longattn.attention import backends, dispatch, normalizers, reference
 from longattn.kernels import entmax as kem
 from longattn.kernels import softmax as ksm
 
 from conftest import INTERPRET, KERNEL_DEVICE
-from helpers import check_rule, leaves, tensors
+from helpers import allowed_keys, check_rule, leaves, tensors
 from oracles import attention_oracle, grads
 
 DEVICE = KERNEL_DEVICE
@@ -296,6 +299,273 @@ def test_varlen_ops_opcheck_and_compile():
     torch.testing.assert_close(got, expected)
 
 
+# ---------------------------------------------------------------------------------------------
+# Causal offsets per document
+
+# a prefix continued (3 queries after 4 cached keys), decoding rows (1 query, 6 keys; 1, 2),
+# keys and no queries, as many queries as keys, queries and no keys, more queries than keys
+OFFSET_LQ, OFFSET_LK = [3, 1, 0, 4, 1, 5, 1], [7, 6, 2, 4, 0, 3, 2]
+OFFSET_SETTINGS = [pytest.param(n, a, id=n + ("1.5" if n == "entmax" else ""))
+                   for n, a in (("softmax", 1.5), ("ssmax", 1.5), ("sparsemax", 2.0), ("entmax", 1.5))]
+
+
+def document_offset(causal_offset, n_q: int, n_k: int) -> int:
+    """The int offset `causal_offset` means in a document of `n_q` queries and `n_k` keys."""
+    return n_k - n_q if causal_offset == "bottom_right" else causal_offset
+
+
+def reference_per_document(q, k, v, lq, lk, causal_offset, **kw):
+    """The dense reference backend on each document, its offset given as an int."""
+    def attend(q_, k_, v_):
+        offset = document_offset(causal_offset, q_.shape[2], k_.shape[2])
+        return longattn.scaled_dot_product_attention(q_, k_, v_, enable_gqa=True, causal_offset=offset,
+                                                     backend="reference", **kw)
+
+    return per_document(attend, q, k, v, lq, lk)
+
+
+def offset_params():
+    """Every normalizer at each offset on the loop; on the kernels every normalizer bottom-right
+    and both kernel families at the int offsets (the interpreter is slow)."""
+    params = []
+    for backend in ("reference", "torch", "triton"):
+        for offset in ("bottom_right", -2, 3):
+            for setting in OFFSET_SETTINGS:
+                at_int = offset != "bottom_right"
+                if backend == "triton" and at_int and setting.id not in ("softmax", "entmax1.5"):
+                    continue
+                marks = needs_triton if backend == "triton" else ()
+                params.append(pytest.param(backend, *setting.values, offset, marks=marks,
+                                           id=f"{backend}-{setting.id}-{offset}"))
+    return params
+
+
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("backend,normalizer,alpha,causal_offset", offset_params())
+def test_causal_offset_per_document(backend, normalizer, alpha, causal_offset):
+    """`causal_offset` applies per document, rows and keys counted from its start, and
+    "bottom_right" is each document's own `n_k - n_q`: the output and the gradients of q, k, v
+    and a learned length scale (whose `n_i` counts the keys under the shifted mask) against the
+    float64 reference on each document. Rows left with no key give 0 and gradient 0."""
+    lq, lk = OFFSET_LQ, OFFSET_LK
+    kernel = backend == "triton"
+    dtype, device = (torch.float32, DEVICE) if kernel else (torch.float64, "cpu")
+    args = make_inputs(lq, lk, 2, 1, 8, 8, dtype, "tensor", device=device)  # q, k, v, s
+    ref_args = leaves(args, torch.float64)
+    kw = dict(normalizer=normalizer, alpha=alpha)
+    out = longattn.varlen_attention(*args[:3], cu(lq, device), cu(lk, device), causal_offset=causal_offset,
+                                    length_scale=args[3], backend=backend, **kw)
+    ref = reference_per_document(*ref_args[:3], lq, lk, causal_offset, length_scale=ref_args[3], **kw)
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = [x.cpu() for x in (out, *grads(out, args, do.to(device, dtype)))]
+    want = [ref, *grads(ref, ref_args, do)]
+    names = ("out", "dq", "dk", "dv", "ds")
+    if kernel:  # float32: the rule against the reference backend's loop in float32
+        base_args = leaves(args)
+        base = longattn.varlen_attention(*base_args[:3], cu(lq, "cpu"), cu(lk, "cpu"),
+                                         causal_offset=causal_offset, length_scale=base_args[3],
+                                         backend="reference", **kw)
+        for name, x, x_base, x_ref in zip(names, got, [base, *grads(base, base_args, do.to(dtype))], want):
+            check_rule(x, x_base, x_ref, dtype, name)
+    else:
+        for name, x, x_ref in zip(names, got, want):
+            torch.testing.assert_close(x, x_ref, rtol=1e-7, atol=1e-9, msg=name)
+    bounds = cu(lq, "cpu").tolist()
+    for d, (n_q, n_k) in enumerate(zip(lq, lk)):
+        sees_none = ~allowed_keys(n_q, n_k, document_offset(causal_offset, n_q, n_k)).any(-1)
+        rows = torch.arange(bounds[d], bounds[d + 1])[sees_none]
+        assert (got[0][rows] == 0).all() and (got[1][rows] == 0).all(), f"document {d}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+def test_dense_bottom_right_is_nk_minus_nq(backend):
+    """The dense API's `causal_offset="bottom_right"` is `Nk - Nq`, so the loop's dense calls
+    (and the docstring's equivalent code) give each document its own."""
+    for n_q, n_k in ((3, 9), (9, 4)):
+        q = torch.randn(1, 2, n_q, 8, device=DEVICE if backend == "triton" else "cpu")
+        k = torch.randn(1, 2, n_k, 8, device=q.device)
+        want = longattn.scaled_dot_product_attention(q, k, k, causal_offset=n_k - n_q, backend=backend)
+        got = longattn.scaled_dot_product_attention(q, k, k, causal_offset="bottom_right", backend=backend)
+        assert torch.equal(got, want)
+    weights = longattn.attention.attention_weights(q, k, causal_offset="bottom_right")
+    assert torch.equal(weights, longattn.attention.attention_weights(q, k, causal_offset=n_k - n_q))
+
+
+def test_is_causal_with_an_offset_is_the_offset():
+    """As in the dense API, an offset implies causal: `is_causal=True` beside it changes nothing."""
+    lq, lk = OFFSET_LQ, OFFSET_LK
+    q, k, v, _ = make_inputs(lq, lk, 2, 1, 8, 8, torch.float64, None, device="cpu")
+    for offset in ("bottom_right", -2):
+        got, want = (longattn.varlen_attention(q, k, v, cu(lq, "cpu"), cu(lk, "cpu"), causal_offset=offset,
+                                               is_causal=flag, backend="reference") for flag in (True, False))
+        assert torch.equal(got, want)
+
+
+def packed_call(monkeypatch, *args, **kwargs):
+    """The call `varlen_attention(*args, **kwargs)` hands the dispatch."""
+    calls = []
+    monkeypatch.setattr(dispatch, "run", lambda call, backend: calls.append(call))
+    longattn.varlen_attention(*args, **kwargs)
+    return calls[0]
+
+
+@pytest.mark.parametrize("causal_offset,lk,hints,same_tensor,expected", [
+    pytest.param("bottom_right", [5, 1, 4], (3, 5), False, (True, -1), id="bottom-right-any-lengths"),
+    pytest.param(0, [3, 0, 4], None, False, (True, -1), id="start-equal-lengths"),
+    pytest.param(2, [3, 0, 4], None, False, (False, 2), id="start-window"),
+    pytest.param(0, [3, 0, 4], (3, 4), True, (True, -1), id="start-one-tensor-hinted"),
+    pytest.param(0, [3, 0, 4], (3, 4), False, "not read", id="start-hinted-unknown"),
+    pytest.param(0, [5, 1, 4], None, False, "as many queries as keys", id="start-unequal-lengths"),
+    pytest.param(-1, [3, 0, 4], None, False, "at least 0", id="start-below-bottom-right"),
+])
+def test_flash_maps_packed_causal_offsets(monkeypatch, causal_offset, lk, hints, same_tensor, expected):
+    """flash-attn's varlen causal mask is bottom-right in each document: "bottom_right" maps to
+    it for any lengths, an offset from each document's start only where every document is known
+    to have as many queries as keys (one cu_seqlens tensor for both, or offsets read on the host).
+    Else the reason."""
+    lq = [3, 0, 4]
+    q, k, v, _ = make_inputs(lq, lk, 2, 1, 16, 16, torch.float16, None, device="cpu")
+    cq = cu(lq, "cpu")
+    ck = cq if same_tensor else cu(lk, "cpu")
+    call = packed_call(monkeypatch, q, k, v, cq, ck, *(hints or ()), causal_offset=causal_offset)
+    (causal, (_, right)), reason = backends._flash_window(call)
+    if isinstance(expected, str):
+        assert expected in reason
+    else:
+        assert reason == "" and (causal, right) == expected
+
+
+def test_flash_length_factor_counts_bottom_right_keys(monkeypatch):
+    """SSMax's factor for flash-attn, packed and bottom-right: `s_h ln(n_i)` with `n_i` counted
+    under each document's own offset, as the reference counts it."""
+    lq, lk = OFFSET_LQ, OFFSET_LK
+    q, k, v, s = make_inputs(lq, lk, 2, 1, 8, 8, torch.float32, "tensor", device="cpu")
+    call = packed_call(monkeypatch, q, k, v, cu(lq, "cpu"), cu(lk, "cpu"), max(lq), max(lk),
+                       causal_offset="bottom_right", length_scale=s)
+    got = backends._flash_length_factor(call)[..., 0]  # (total_q, Hq)
+    bounds = cu(lq, "cpu").tolist()
+    for d, (n_q, n_k) in enumerate(zip(lq, lk)):
+        allowed, _ = reference.split_mask(None, n_k - n_q, n_q, n_k, "cpu", torch.float32)
+        want = reference.length_factor(s, allowed, 2, torch.float32)[..., 0].T
+        torch.testing.assert_close(got[bounds[d]:bounds[d + 1]], want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both max lengths given, as Hugging Face's packed batches call it: the offsets are trusted, never
+# read on the host, so the one-launch backends run without a host sync, and
+# torch.compile(fullgraph=True) traces every backend, the per-document loop through its custom
+# ops (`dispatch._run_documents_op`), forward and gradients equal to eager.
+
+HINTS = max(OFFSET_LQ), max(OFFSET_LK)  # max_seqlen_q, max_seqlen_k
+# Reads of a tensor's values into Python: on a GPU, each is a host sync.
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__")
+
+
+class HostReads(TorchFunctionMode):
+    """Records the host reads (`HOST_READS`) of the code run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in HOST_READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def packed(backend, dtype=torch.float32):
+    """Leaves q, k, v, a learned `(Hq,)` length scale, and the int32 cu_seqlens, on the device the
+    backend runs on."""
+    device = DEVICE if backend == "triton" else "cpu"
+    lq, lk = OFFSET_LQ, OFFSET_LK
+    return (*make_inputs(lq, lk, 2, 1, 16, 8, dtype, "tensor", device=device), cu(lq, device), cu(lk, device))
+
+
+def compiled_and_eager(attention, inputs, backend="aot_eager"):
+    """`attention(*inputs)` compiled with fullgraph=True (a graph break fails) and eager: the
+    outputs, then the gradients of each input."""
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True, backend=backend)
+    outs = [fn(*inputs) for fn in (compiled, attention)]
+    do = torch.randn_like(outs[1])
+    return [[out, *grads(out, inputs, do)] for out in outs]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("normalizer,alpha", OFFSET_SETTINGS)
+def test_compile_fullgraph_equals_eager(backend, normalizer, alpha):
+    """With both max lengths given, fullgraph compilation traces the public function on every
+    backend (the loop's, reading the offsets, inside custom ops whose backward recomputes each
+    document), bottom-right, with a learned length scale: forward and gradients equal eager."""
+    q, k, v, s, cq, ck = packed(backend)
+
+    def attention(q, k, v, s):
+        return longattn.varlen_attention(q, k, v, cq, ck, *HINTS, causal_offset="bottom_right",
+                                         length_scale=s, backend=backend, normalizer=normalizer, alpha=alpha)
+
+    got, want = compiled_and_eager(attention, (q, k, v, s))
+    for name, g, w in zip(("out", "dq", "dk", "dv", "ds"), got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6, msg=name)
+
+
+def test_compile_inductor_and_a_float_length_scale():
+    """The default backend (inductor) compiles the loop's ops too; an int offset, and SSMax's
+    default length scale (a float, carried among the ops' settings)."""
+    q, k, v, _, cq, ck = packed("torch")
+
+    def attention(q, k, v):
+        out = longattn.varlen_attention(q, k, v, cq, ck, *HINTS, causal_offset=-1, normalizer="ssmax",
+                                        backend="torch")
+        return out * 2  # something for inductor to fuse
+
+    got, want = compiled_and_eager(attention, (q, k, v), backend="inductor")
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6, msg=name)
+
+
+def test_loop_ops_opcheck_and_first_order_only(monkeypatch):
+    """The loop's forward op passes opcheck (its fake, its autograd registration, its backward op
+    traced by AOT autograd); a second derivative through its backward raises."""
+    q, k, v, s, cq, ck = packed("torch")
+    call = packed_call(monkeypatch, q, k, v, cq, ck, *HINTS, causal_offset="bottom_right",
+                       normalizer="entmax", length_scale=s)
+    args = dispatch._op_args(call, backends.TORCH)
+    torch.library.opcheck(torch.ops.longattn.packed_documents_fwd, args)
+    out = torch.ops.longattn.packed_documents_fwd(*args)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="packed_documents_bwd is not supported"):
+        torch.autograd.grad(dq.sum(), q)
+
+
+@needs_triton
+@pytest.mark.parametrize("normalizer", ["ssmax", "entmax"])
+def test_one_launch_makes_no_host_read(normalizer):
+    """Given both max lengths, the kernels' path reads no tensor value into Python, forward and
+    backward (on a GPU, no host sync); without them the offsets are read, and checked."""
+    q, k, v, s, cq, ck = packed("triton")
+    for hints, expect_reads in ((HINTS, False), ((), True)):
+        with HostReads() as mode:
+            out = longattn.varlen_attention(q, k, v, cq, ck, *hints, causal_offset="bottom_right",
+                                            normalizer=normalizer, length_scale=s, backend="triton")
+            grads(out, (q, k, v, s), torch.ones_like(out))
+        assert bool(mode.seen) == expect_reads, mode.seen
+
+
+def test_flash_adaptor_makes_no_host_read(monkeypatch):
+    """flash-attn's causal mapping and SSMax's folded factor, for a packed call given both max
+    lengths, read no tensor value into Python (flash-attn itself takes the cu_seqlens as they are):
+    bottom-right, and is_causal with one cu_seqlens tensor for queries and keys."""
+    q, k, v, s, cq, ck = packed("torch", torch.float16)
+    kv = q[:, :1].detach()
+    for args, causal_offset in (((q, k, v, cq, ck), "bottom_right"), ((q, kv, kv, cq, cq), 0)):
+        call = packed_call(monkeypatch, *args, *HINTS, causal_offset=causal_offset, length_scale=s)
+        with HostReads() as mode:
+            (causal, _), reason = backends._flash_window(call)
+            backends._flash_length_factor(call)
+        assert causal and reason == "" and not mode.seen, mode.seen
+
+
 def _bad_cases():
     q, k, v = torch.randn(7, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 6)
     cq, ck = cu([3, 4], "cpu"), cu([4, 5], "cpu")
@@ -328,6 +598,16 @@ def _bad_cases():
         ("max-tensor-float", dict(ok, max_seqlen_q=torch.tensor(4.0)), TypeError, "max_seqlen_q must be"),
         ("max-tensor-small", dict(ok, max_seqlen_q=torch.tensor(3)), ValueError, r"max_seqlen_q \(3\) is"),
         ("causal", dict(ok, is_causal=1), TypeError, "is_causal"),
+        ("offset-name", dict(ok, causal_offset="bottom-right"), ValueError,
+         "causal_offset must be None, an int or 'bottom_right'; got 'bottom-right'"),
+        ("offset-float", dict(ok, causal_offset=1.5), TypeError, "causal_offset must be None, an int or"),
+        ("offset-bool", dict(ok, causal_offset=True), TypeError, "causal_offset must be None, an int or"),
+        ("offset-tensor", dict(ok, causal_offset=torch.tensor(1)), TypeError, "causal_offset must be None"),
+        # one hint given: the offsets are still read and checked
+        ("cu-start-one-hint", dict(ok, cu_seqlens_q=cq + 1, max_seqlen_q=4), ValueError,
+         "cu_seqlens_q must start at 0"),
+        ("cu-end-one-hint", dict(ok, cu_seqlens_k=cu([4, 4], "cpu"), max_seqlen_k=5), ValueError,
+         "cu_seqlens_k must end at the total"),
         ("normalizer", dict(ok, normalizer="relu"), ValueError, "normalizer"),
         ("backend", dict(ok, backend="cuda"), ValueError, "backend"),
         ("alpha", dict(ok, alpha=3.0), ValueError, "alpha"),
