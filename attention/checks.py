@@ -108,6 +108,16 @@ def _autocast(*tensors):
     return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
+def check_offsets(name: str, offsets: list[int], total: int) -> None:
+    """Packed documents' offsets on the host: from 0, non-decreasing, ending at the packed length."""
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0; got {offsets[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must be non-decreasing; got {offsets}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} must end at the total length {total}; got {offsets[-1]}")
+
+
 def check_flag(name: str, value) -> bool:
     """A bool, or numpy's bool, as a Python bool."""
     if not isinstance(value, (bool, np.bool_)):

@@ -16,10 +16,9 @@ from dataclasses import replace
 import torch
 
 from ..kernels.common import first_order_only  # host side only: compiles no kernel
-from . import normalizers
+from . import checks, normalizers
 from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend
 from .call import AttentionCall, PackedDocs
-from .checks import autocast_dtype
 from .normalizers import Normalizer
 
 
@@ -67,7 +66,7 @@ def run(call: AttentionCall, backend: str) -> torch.Tensor:
     tensors are already in its dtype (`checks.make_call`), and each path chooses its own compute
     dtype."""
     device_type = call.query.device.type
-    if autocast_dtype(device_type) is None:
+    if checks.autocast_dtype(device_type) is None:
         return _run(call, backend)
     with torch.autocast(device_type, enabled=False):
         return _run(call, backend)
@@ -92,9 +91,12 @@ def _run_dense(call: AttentionCall, backend: Backend) -> torch.Tensor:
 
 def _run_documents(call: AttentionCall, backend: Backend) -> torch.Tensor:
     """A packed call one document at a time, each a dense call on `backend`; the offsets are
-    read on the host (one sync) where they were not."""
+    read on the host (one sync) where they were not, and then checked, since slicing by wrong
+    ones would silently give other documents."""
     call = replace(call, docs=call.docs.on_host())
     q, v = call.query, call.value
+    checks.check_offsets("cu_seqlens_q", call.docs.offsets_q, q.shape[0])
+    checks.check_offsets("cu_seqlens_k", call.docs.offsets_k, call.key.shape[0])
     outs = [q.new_empty(0, q.shape[1], v.shape[2])]  # for zero documents
     for d in range(call.docs.count):
         outs.append(_run_dense(call.document(d), backend)[0].transpose(0, 1))  # (n_d, Hq, Dv)

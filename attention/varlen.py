@@ -146,12 +146,7 @@ def _check_cu_seqlens(name: str, cu_seqlens, packed: torch.Tensor,
     if trusted:
         return cu_seqlens.to(torch.int32), None
     offsets = cu_seqlens.tolist()
-    if offsets[0] != 0:
-        raise ValueError(f"{name} must start at 0; got {offsets[0]}")
-    if any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"{name} must be non-decreasing; got {offsets}")
-    if offsets[-1] != packed.shape[0]:
-        raise ValueError(f"{name} must end at the total length {packed.shape[0]}; got {offsets[-1]}")
+    checks.check_offsets(name, offsets, packed.shape[0])
     return cu_seqlens.to(torch.int32), offsets
 
 

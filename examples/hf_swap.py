@@ -8,7 +8,7 @@
 The task is multi-key retrieval (`longattn.models.tasks`): key-value pairs in filler, then a
 question `QUERY key`; the model must answer with that key's value. The script prints the loss
 and the needle accuracy before and after fine-tuning, then saves the model and checks that
-`from_pretrained` restores the normalizer and every learned s. About a minute on two CPU cores.
+`from_pretrained` restores the normalizer and every learned s. Under a minute on two CPU cores.
 """
 
 from __future__ import annotations

@@ -49,8 +49,11 @@ def pair(family: str, dtype=torch.float32, name: str = "longattn_test_softmax"):
     """transformers' SDPA model and the same weights on longattn's softmax (`register`)."""
     longattn_hf.register(name)
     config = tiny_config(family)
-    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
-    ours = AutoModelForCausalLM.from_config(config, attn_implementation=name).to(dtype).eval()
+    # one config object each: transformers writes the implementation into the config it is given
+    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    ours = AutoModelForCausalLM.from_config(config, attn_implementation=name)
+    sdpa, ours = (m.to(dtype).eval() for m in (sdpa, ours))
+    assert sdpa.config._attn_implementation == "sdpa" and ours.config._attn_implementation == name
     ours.load_state_dict(sdpa.state_dict())
     return sdpa, ours
 
@@ -279,6 +282,24 @@ def test_convert_save_load_round_trip(tmp_path, settings):
             plain(ids)
 
 
+def test_bf16_and_variant_round_trip(tmp_path):
+    """A bfloat16 model saved under a variant name: its s come back in bfloat16, logits exact.
+    (Built in bfloat16 and its s cast alone: `.to()` would also cast RoPE's float32 buffer, which
+    transformers' loading keeps in float32, and the logits would differ for that alone.)"""
+    model = AutoModelForCausalLM.from_config(tiny_config("mistral"), dtype=torch.bfloat16).eval()
+    longattn_hf.convert(model, normalizer="ssmax", length_scale="learnable", initial_length_scale=0.4)
+    for layer in longattn_hf.attention_layers(model):
+        layer.longattn_length_scale.data = layer.longattn_length_scale.data.to(torch.bfloat16)
+    model.save_pretrained(tmp_path, variant="v1")
+    loaded = longattn_hf.from_pretrained(tmp_path, variant="v1", dtype=torch.bfloat16).eval()
+    s = loaded.model.layers[1].self_attn.longattn_length_scale
+    assert s.dtype == torch.bfloat16 and torch.equal(s, model.model.layers[1].self_attn.longattn_length_scale)
+    ids, mask = batch("left")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, want, rtol=0, atol=0)
+
+
 def test_from_pretrained_reports_no_unexpected_keys(tmp_path, capsys):
     model = converted("llama", {"normalizer": "ssmax", "length_scale": "learnable"})
     model.save_pretrained(tmp_path)
@@ -384,6 +405,54 @@ def test_refuses_what_would_change_the_model():
 def test_register_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         longattn_hf.register(**kwargs)
+
+
+def test_gpt_neox_converts():
+    """A family whose layers keep `head_size`, not `head_dim`: found, and softmax equals SDPA."""
+    config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=64)
+    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = AutoModelForCausalLM.from_config(config).eval()
+    ours.load_state_dict(sdpa.state_dict())
+    longattn_hf.convert(ours, normalizer="softmax")
+    assert len(longattn_hf.attention_layers(ours)) == 2
+    ids, mask = batch("left")
+    with torch.no_grad():
+        want, got = (m(ids, attention_mask=mask).logits for m in (sdpa, ours))
+    assert max_diff(got, want, mask.bool()) == 0
+
+
+def test_convert_refuses_what_it_cannot_switch():
+    """Falcon's attention does not go through AttentionInterface (transformers would only log
+    that, and the model would run softmax); a composite model's parts are the caller's choice."""
+    falcon = AutoModelForCausalLM.from_config(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="does not go through transformers' AttentionInterface"):
+        longattn_hf.convert(falcon, normalizer="entmax")
+    llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, image_size=8, patch_size=4),
+        text_config=tiny_config("llama")))
+    with pytest.raises(ValueError, match="composite model"):
+        longattn_hf.convert(llava, normalizer="entmax")
+
+
+def test_packed_rows_past_the_documents():
+    """Padding rows after the last document: the per-document loop names the bad offsets; the
+    block-diagonal route (a window shorter than the documents) gives those rows no keys."""
+    _, packed = packed_batch([7, 4], return_flash_attn_kwargs=True)
+    ids = torch.cat((packed["input_ids"], torch.zeros(1, 3, dtype=torch.long)), dim=1)
+    kwargs = {k: packed[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    with torch.no_grad():
+        llama = converted("llama", {"normalizer": "softmax", "length_scale": None}).eval()
+        with pytest.raises(ValueError, match="cu_seqlens_q must end at the total length 14; got 11"):
+            llama(ids, **kwargs)
+        mistral = converted("mistral", {"normalizer": "softmax", "length_scale": None}).eval()
+        logits = mistral(ids, **kwargs).logits
+        alone = mistral(packed["input_ids"], **kwargs).logits
+    torch.testing.assert_close(logits[:, :11], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(logits).all()
 
 
 def test_convert_and_load_bad_arguments(tmp_path):

@@ -158,9 +158,11 @@ def _packed_through_mask(q, k, v, cu_q, cu_k, causal, window, dropout, options):
     of `w` keeps the `w` keys up to the query's own position. Builds a `total x total` mask."""
     doc_q, pos_q = _documents(cu_q, q.shape[0])
     doc_k, pos_k = _documents(cu_k, k.shape[0])
-    allowed = doc_q[:, None] == doc_k[None, :]
+    # rows past the last document (padding after it) belong to none: they attend nothing, give 0
+    allowed = (doc_q[:, None] == doc_k[None, :]) & (doc_q < cu_q.numel() - 1)[:, None]
     if causal:
-        lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+        lengths_q = torch.cat((cu_q.diff(), cu_q.new_zeros(1)))  # and 0 for past the end
+        lengths_k = torch.cat((cu_k.diff(), cu_k.new_zeros(1)))
         last_key = pos_q + (lengths_k - lengths_q)[doc_q]  # the query's position among its keys
         allowed &= pos_k[None, :] <= last_key[:, None]
         if window is not None:
@@ -259,9 +261,9 @@ _register(FROM_CONFIG, _attention_function(None))
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The modules that call transformers' attention interface: the `...Attention` classes with a
-    `config`, a `layer_idx` and a `head_dim`, as transformers' decoder layers have them."""
+    `config` and a `layer_idx`, as transformers' decoder layers have them."""
     return [m for m in model.modules() if type(m).__name__.endswith("Attention")
-            and all(hasattr(m, a) for a in ("config", "layer_idx", "head_dim"))]
+            and hasattr(m, "config") and hasattr(m, "layer_idx")]
 
 
 def convert(model: PreTrainedModel, *, normalizer: str, alpha: float = 1.5,
@@ -272,18 +274,33 @@ def convert(model: PreTrainedModel, *, normalizer: str, alpha: float = 1.5,
     Args:
         normalizer, alpha, backend: as :func:`longattn.scaled_dot_product_attention`.
         length_scale: None, a float (one ``s`` everywhere), or ``"learnable"``: every attention
-            layer gets a parameter ``longattn_length_scale`` of shape ``(Hq,)``, float32, started at
-            `initial_length_scale` (a layer that has one already keeps its values).
+            layer gets a parameter ``longattn_length_scale`` of shape ``(Hq,)``, created in float32
+            (``model.to(dtype)`` casts it as any parameter), started at `initial_length_scale` (a
+            layer that has one already keeps its values).
         initial_length_scale: the learnable ``s`` before training. 1.0 is SSMax's definition; a
             pretrained softmax model is closest to itself at ``1 / ln(n)`` for its usual ``n``.
 
-    The settings go into the model's config (``config.longattn``, saved in ``config.json``) and
+    Decoder-only language models whose attention goes through transformers'
+    ``AttentionInterface``; others are refused with the reason. The settings go into the
+    model's config object (``config.longattn``, saved in ``config.json``; a model built from
+    the same config object later shares them, as transformers' own implementation choice) and
     its attention implementation becomes ``"longattn_from_config"``, which reads them; the
     learned ``s`` are parameters, saved by ``save_pretrained``. Reload with :func:`from_pretrained`
     (transformers' own loader would drop the ``s``; the model then refuses to run).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel; got {type(model).__name__}")
+    if not getattr(model, "_supports_attention_backend", False):
+        # transformers would only log that it cannot switch, and the model would run as before
+        raise ValueError(f"{type(model).__name__}'s attention does not go through transformers' "
+                         "AttentionInterface, so longattn cannot replace it")
+    if model.config.sub_configs:
+        parts = ", ".join(model.config.sub_configs)
+        raise ValueError(
+            f"{type(model).__name__} is a composite model (sub-configs {parts}): convert() switches one "
+            "language model; register() a name and pass it for the part you want, e.g. "
+            "model.set_attn_implementation({'text_config': name})"
+        )
     settings = _settings(normalizer, alpha, length_scale, backend)
     if not checks.is_real_number(initial_length_scale):
         raise TypeError("initial_length_scale must be a real number; got "
@@ -353,30 +370,53 @@ def _expecting_length_scales():
 
 
 def _load_length_scales(model: PreTrainedModel, path, kwargs) -> None:
+    """Every layer's s from the safetensors checkpoint (one file or an index of shards), in the
+    dtype it was saved in."""
     from safetensors import safe_open
     from transformers.utils import cached_file
 
     wanted = {name: p for name, p in model.named_parameters() if name.endswith(LENGTH_SCALE)}
     hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
            if key in kwargs}
-    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
-                        **hub)
+    variant = kwargs.get("variant")
+
+    def resolve(name: str):
+        if variant is not None:  # transformers' naming: model.safetensors -> model.<variant>.safetensors
+            stem, extension = name.rsplit(".", 1)
+            name = f"{stem}.{variant}.{extension}"
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub)
+
+    index = resolve("model.safetensors.index.json")
     if index is not None:
         with open(index) as f:
-            files = sorted({file for key, file in json.load(f)["weight_map"].items() if key in wanted})
+            weight_map = json.load(f)["weight_map"]
+        files = sorted({file for key, file in weight_map.items() if key.endswith(LENGTH_SCALE)})
+        resolved = [cached_file(path, file, _raise_exceptions_for_missing_entries=False, **hub)
+                    for file in files]
     else:
-        files = ["model.safetensors"]
-    found = {}
-    for file in files:
-        resolved = cached_file(path, file, _raise_exceptions_for_missing_entries=False, **hub)
-        if resolved is None:
-            continue
-        with safe_open(resolved, framework="pt") as checkpoint:
-            found.update({key: checkpoint.get_tensor(key) for key in checkpoint.keys() if key in wanted})
-    missing = sorted(set(wanted) - set(found))
+        resolved = [resolve("model.safetensors")]
+    saved = {}
+    for file in filter(None, resolved):
+        with safe_open(file, framework="pt") as checkpoint:
+            saved.update({key: checkpoint.get_tensor(key) for key in checkpoint.keys()
+                          if key.endswith(LENGTH_SCALE)})
+    missing = []
+    for name, parameter in wanted.items():
+        value = saved.get(name, _by_layer(name, saved))
+        if value is None:
+            missing.append(name)
+        else:
+            parameter.data = value.to(parameter.device)
     if missing:
         raise ValueError(f"{path} records length_scale='learnable' but its safetensors checkpoint has no "
                          f"{missing[0]} (and {len(missing) - 1} more)")
-    with torch.no_grad():
-        for name, value in found.items():
-            wanted[name].copy_(value)
+
+
+def _by_layer(name: str, saved: dict):
+    """The one saved s whose key ends as `name` does from `layers.` on (a checkpoint may prefix
+    its keys differently from the module tree), or None."""
+    if "layers." not in name:
+        return None
+    tail = name[name.index("layers."):]
+    matches = [value for key, value in saved.items() if key.endswith("." + tail) or key == tail]
+    return matches[0] if len(matches) == 1 else None
