@@ -301,11 +301,19 @@ def test_bf16_and_variant_round_trip(tmp_path):
 
 
 def test_from_pretrained_reports_no_unexpected_keys(tmp_path, capsys):
-    model = converted("llama", {"normalizer": "ssmax", "length_scale": "learnable"})
-    model.save_pretrained(tmp_path)
-    capsys.readouterr()
-    longattn_hf.from_pretrained(tmp_path)
-    assert "UNEXPECTED" not in capsys.readouterr().err
+    """Also for a class with patterns of its own (GPT-NeoX), which are as they were afterwards."""
+    config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4)
+    for model in (converted("llama", {"normalizer": "ssmax", "length_scale": "learnable"}),
+                  AutoModelForCausalLM.from_config(config)):
+        longattn_hf.convert(model, normalizer="ssmax", length_scale="learnable")
+        before = list(type(model)._keys_to_ignore_on_load_unexpected or [])
+        model.save_pretrained(tmp_path / type(model).__name__)
+        capsys.readouterr()
+        loaded = longattn_hf.from_pretrained(tmp_path / type(model).__name__)
+        assert "UNEXPECTED" not in capsys.readouterr().err
+        assert list(type(model)._keys_to_ignore_on_load_unexpected or []) == before
+        assert len([n for n, _ in loaded.named_parameters() if n.endswith(longattn_hf.LENGTH_SCALE)]) == 2
 
 
 def test_convert_again_replaces_the_settings():

@@ -341,7 +341,7 @@ def from_pretrained(path: str | os.PathLike, *, model_class=None, backend: str |
     """
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
-    with _expecting_length_scales():
+    with _expecting_length_scales(_model_classes(path, model_class, kwargs)):
         model = model_class.from_pretrained(path, **kwargs)
     record = getattr(model.config, CONFIG_KEY, None)
     if not isinstance(record, dict):
@@ -356,17 +356,38 @@ def from_pretrained(path: str | os.PathLike, *, model_class=None, backend: str |
     return model
 
 
+def _model_classes(path, model_class, kwargs) -> list[type]:
+    """The classes whose `_keys_to_ignore_on_load_unexpected` the load will read: the base, and
+    those the checkpoint's architectures (or `model_class`) define it on."""
+    import transformers
+
+    config = kwargs.get("config")
+    if config is None:
+        hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+               if key in kwargs}
+        config = transformers.AutoConfig.from_pretrained(path, **hub)
+    named = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or ()]
+    classes = {PreTrainedModel}
+    for cls in (model_class, *named):
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            classes.update(c for c in cls.__mro__ if "_keys_to_ignore_on_load_unexpected" in vars(c))
+    return list(classes)
+
+
 @contextlib.contextmanager
-def _expecting_length_scales():
+def _expecting_length_scales(classes: list[type]):
     """transformers' loader knows no `longattn_length_scale` keys: it would report them unexpected
-    before `from_pretrained` loads them itself. Its models read the patterns to skip from the
-    class when they are built, so they are set there for the load's duration."""
-    before = PreTrainedModel._keys_to_ignore_on_load_unexpected
-    PreTrainedModel._keys_to_ignore_on_load_unexpected = [*(before or []), rf"\.{LENGTH_SCALE}$"]
+    before `from_pretrained` loads them itself. Its models read the patterns to skip from their
+    classes when they are built, so they are added there for the load's duration (process-wide
+    while it lasts)."""
+    before = {cls: vars(cls)["_keys_to_ignore_on_load_unexpected"] for cls in classes}
+    for cls, patterns in before.items():
+        cls._keys_to_ignore_on_load_unexpected = [*(patterns or []), rf"\.{LENGTH_SCALE}$"]
     try:
         yield
     finally:
-        PreTrainedModel._keys_to_ignore_on_load_unexpected = before
+        for cls, patterns in before.items():
+            cls._keys_to_ignore_on_load_unexpected = patterns
 
 
 def _load_length_scales(model: PreTrainedModel, path, kwargs) -> None:
