@@ -219,7 +219,7 @@ class FirstOrderOnly(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError(f"double backward through {ctx.op_name} is not supported: its gradients are "
                            "first-order only, not differentiable (backend='reference' has second "
-                           "derivatives)")
+                           "derivatives outside torch.compile)")
 
 
 def first_order_only(op_name: str, grads: tuple, sources: tuple) -> tuple:
