@@ -34,6 +34,8 @@ class Backend:
     verify: Callable[[AttentionCall], str]  # "" when this backend can run the call, else why not
     packed: bool  # runs packed documents in one launch; else the dispatch runs them one by one
     auto_devices: tuple[str, ...] | None  # where "auto" may choose it (None: anywhere; (): never)
+    # Takes `seqused_k` itself; for the others the dispatch folds it into the mask.
+    key_lengths: bool = False
     # One implementation for every normalizer (the reference's, which needs only the normalizer's
     # row function); None: each normalizer record names its own in `paths`.
     run: Callable[[AttentionCall], torch.Tensor] | None = None
@@ -54,6 +56,8 @@ def _triton_limits(call: AttentionCall) -> str:
     device = call.query.device
     if call.attn_mask is not None:
         return "attn_mask is not supported by the kernels (is_causal and causal_offset are)"
+    if call.seqused_k is not None:
+        return "seqused_k is not supported by the kernels yet"
     if call.dropout_p > 0:
         return "dropout_p > 0 is not supported by the kernels"
     if call.query.dtype == torch.float64:
@@ -84,6 +88,8 @@ def _flash_limits(call: AttentionCall) -> str:
         return f"flash-attn takes float16 or bfloat16; got {call.query.dtype}"
     if call.attn_mask is not None:
         return "attn_mask is not supported by flash-attn (is_causal and causal_offset are)"
+    if call.seqused_k is not None:
+        return "seqused_k is not supported by flash-attn's dense interface"
     if call.dropout_p > 0 and not FLASH_ATTN_2:
         return "dropout_p > 0 needs flash-attn 2 (FlashAttention 3's interface has no dropout)"
     d, dv = call.head_dims

@@ -88,6 +88,7 @@ class AttentionCall:
     attn_mask: torch.Tensor | None = None
     dropout_p: float = 0.0
     docs: PackedDocs | None = None
+    seqused_k: torch.Tensor | None = None  # int32 (B,): batch b sees its first keys only (dense)
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -98,6 +99,21 @@ class AttentionCall:
         """No query or no key anywhere: nothing to tile."""
         dim = 0 if self.docs is not None else -2
         return self.query.shape[dim] == 0 or self.key.shape[dim] == 0
+
+    def key_lengths_as_mask(self) -> AttentionCall:
+        """The call with `seqused_k` folded into `attn_mask`, for the paths that take masks but
+        not key lengths: a `(B, 1, 1, Nk)` key mask, combined with the call's own mask."""
+        n_k = self.key.shape[-2]
+        keys = torch.arange(n_k, device=self.key.device) < self.seqused_k.clamp(0, n_k)[:, None]
+        keys = keys[:, None, None, :]
+        mask = self.attn_mask
+        if mask is None:
+            mask = keys
+        elif mask.dtype == torch.bool:
+            mask = mask & keys
+        else:  # -inf masks the key on every path (`reference.float_mask_allows`)
+            mask = torch.where(keys, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
+        return replace(self, attn_mask=mask, seqused_k=None)
 
     def document(self, d: int) -> AttentionCall:
         """Document `d` of a packed call (its offsets on the host: `PackedDocs.on_host`) as a

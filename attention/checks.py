@@ -60,9 +60,26 @@ def check_causal(is_causal, causal_offset) -> int | str | None:
     return 0 if causal_offset is None and is_causal else causal_offset
 
 
+def check_seqused_k(seqused_k, query: torch.Tensor) -> torch.Tensor | None:
+    """None, or per-batch key lengths: an int32 or int64 `(B,)` tensor on the query's device, as
+    int32. Its values are not read (no host sync): the paths clamp them to `[0, Nk]`."""
+    if seqused_k is None:
+        return None
+    if not isinstance(seqused_k, torch.Tensor):
+        raise TypeError(f"seqused_k must be None or a torch.Tensor; got {type(seqused_k).__name__}")
+    if seqused_k.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seqused_k must be int32 or int64; got {seqused_k.dtype}")
+    if seqused_k.shape != (query.shape[0],):
+        raise ValueError(f"seqused_k must have shape ({query.shape[0]},), one length per batch entry; got "
+                         f"{tuple(seqused_k.shape)}")
+    if seqused_k.device != query.device:
+        raise ValueError(f"seqused_k must be on {query.device}; got {seqused_k.device}")
+    return seqused_k.to(torch.int32)
+
+
 def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale, scale: float | None,
               causal_offset: int | str | None, attn_mask=None, dropout_p: float = 0.0,
-              docs: PackedDocs | None = None) -> AttentionCall:
+              docs: PackedDocs | None = None, seqused_k: torch.Tensor | None = None) -> AttentionCall:
     """The call of checked arguments in canonical form: the normalizer rewritten to its base
     record (`normalizers.canonical`), the scale's default, `1 / sqrt(D)`, resolved, the causal
     offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed) and clamped to the
@@ -72,6 +89,9 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
     query, key, value = _autocast(query, key, value)
     if docs is None:
         if causal_offset == BOTTOM_RIGHT:
+            if seqused_k is not None:
+                raise ValueError("causal_offset='bottom_right' with seqused_k is not supported yet (it would "
+                                 "align to each batch's own length); pass an int offset")
             causal_offset = key.shape[-2] - query.shape[-2]
         causal_offset = clamp_causal_offset(causal_offset, query.shape[-2], key.shape[-2])
     else:
@@ -84,7 +104,7 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
     return AttentionCall(
         query, key, value, name=normalizer, normalizer=record, alpha=alpha, length_scale=length_scale,
         scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,
-        attn_mask=attn_mask, dropout_p=dropout_p, docs=docs,
+        attn_mask=attn_mask, dropout_p=dropout_p, docs=docs, seqused_k=seqused_k,
     )
 
 

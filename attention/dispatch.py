@@ -86,6 +86,8 @@ def _run(call: AttentionCall, backend: str) -> torch.Tensor:
 def _run_dense(call: AttentionCall, backend: Backend) -> torch.Tensor:
     if call.empty:  # no query or no key: nothing to tile
         backend = REFERENCE
+    if call.seqused_k is not None and not backend.key_lengths:
+        call = call.key_lengths_as_mask()
     return implementation(backend, call.normalizer)(call)
 
 

@@ -22,6 +22,7 @@ def scaled_dot_product_attention(
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
     causal_offset: int | str | None = None,
+    seqused_k: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Scaled dot-product attention with a choice of normalizer.
@@ -35,13 +36,16 @@ def scaled_dot_product_attention(
         from torch import clamp, inf
 
         def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                      normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None):
+                      normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None,
+                      seqused_k=None):
             scale = q.size(-1) ** -0.5 if scale is None else scale
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)     # GQA
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
             allowed = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool)
             if is_causal or causal_offset is not None:                  # j <= i + offset,
                 allowed = allowed.tril(diagonal=causal_offset or 0)     # 0: top-left
+            if seqused_k is not None:                                   # batch b: its first keys
+                allowed = allowed & (torch.arange(k.size(-2)) < seqused_k.view(-1, 1, 1, 1))
             bias = 0.0
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 allowed = allowed & attn_mask                            # True = may attend
@@ -99,6 +103,11 @@ def scaled_dot_product_attention(
             ``j <= i + causal_offset`` (implies causal; ``is_causal`` is offset 0). ``Nk - Nq``,
             or ``"bottom_right"`` for short, aligns it bottom-right, as decoding with a KV cache
             needs; rows left with no key give 0.
+        seqused_k: per-batch key lengths (flash-attn's ``seqused_k``), an int32 or int64 tensor
+            of shape ``(B,)`` (``(1,)`` unbatched) on the inputs' device: batch ``b`` attends to
+            its first ``seqused_k[b]`` keys only (values are clamped to ``[0, Nk]`` and not read
+            on the host). A right-padded batch or a partly filled KV cache without a dense mask;
+            the other masks and the causal offset (counted from the tensors' start) apply too.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash"``
             (flash-attn, when installed: softmax and SSMax on CUDA in 16 bits). ``"auto"`` takes
             the first of flash-attn and the Triton kernels that serves a CUDA call, else
@@ -117,6 +126,7 @@ def scaled_dot_product_attention(
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, attn_mask=attn_mask,
         dropout_p=checks.check_dropout(dropout_p),
+        seqused_k=checks.check_seqused_k(seqused_k, _batched(query)),
     )
     out = dispatch.run(call, checks.check_backend(backend))
     return out.squeeze(0) if query.dim() == 3 else out
