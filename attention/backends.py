@@ -56,8 +56,6 @@ def _triton_limits(call: AttentionCall) -> str:
     device = call.query.device
     if call.attn_mask is not None:
         return "attn_mask is not supported by the kernels (is_causal and causal_offset are)"
-    if call.seqused_k is not None:
-        return "seqused_k is not supported by the kernels yet"
     if call.dropout_p > 0:
         return "dropout_p > 0 is not supported by the kernels"
     if call.query.dtype == torch.float64:
@@ -138,7 +136,7 @@ TORCH = Backend(
 )
 TRITON = Backend(
     "triton", "`kernels/`: tiled Triton kernels, forward and backward (the Triton interpreter on CPU)",
-    "O(N)", _triton_limits, packed=True, auto_devices=("cuda",),
+    "O(N)", _triton_limits, packed=True, auto_devices=("cuda",), key_lengths=True,
 )
 FLASH = Backend(
     "flash", "flash-attn (FlashAttention 2, or 3's interface where present), when installed", "O(N)",
@@ -161,7 +159,7 @@ def triton_softmax(call: AttentionCall) -> torch.Tensor:
     q, k, v = call.query, call.key, call.value
     if call.docs is None:
         return softmax_attention(q, k, v, scale=call.scale, causal_offset=call.causal_offset,
-                                 length_scale=call.length_scale)
+                                 length_scale=call.length_scale, seqused_k=call.seqused_k)
     return softmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale,
                                     causal_offset=call.causal_offset, length_scale=call.length_scale,
                                     causal_from_end=call.docs.causal_from_end)
@@ -173,7 +171,7 @@ def triton_entmax(call: AttentionCall) -> torch.Tensor:
     q, k, v = call.query, call.key, call.value
     if call.docs is None:
         return entmax_attention(q, k, v, scale=call.scale, alpha=call.alpha, causal_offset=call.causal_offset,
-                                length_scale=call.length_scale)
+                                length_scale=call.length_scale, seqused_k=call.seqused_k)
     return entmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale, alpha=call.alpha,
                                    causal_offset=call.causal_offset, length_scale=call.length_scale,
                                    causal_from_end=call.docs.causal_from_end)

@@ -68,7 +68,11 @@ HEURISTICS = {
     # read from cu_seqlens in-kernel, so no length is known to divide a block.
     "IS_VARLEN": lambda args: args["cu_seqlens_q"] is not None,
     "EVEN_M": lambda args: args["cu_seqlens_q"] is None and args["Nq"] % args["BLOCK_M"] == 0,
-    "EVEN_N": lambda args: args["cu_seqlens_q"] is None and args["Nk"] % args["BLOCK_N"] == 0,
+    # Key lengths (`seqused_k`, dense only): each batch's Nk is read in-kernel too, so it is not
+    # known to divide a block either.
+    "HAS_KEY_LENGTHS": lambda args: args["seqused_k"] is not None,
+    "EVEN_N": lambda args: (args["cu_seqlens_q"] is None and args["seqused_k"] is None
+                            and args["Nk"] % args["BLOCK_N"] == 0),
     "EVEN_D": lambda args: args["D"] == args["BLOCK_D"] and args["Dv"] == args["BLOCK_DV"],
     "HAS_LENGTH_SCALE": lambda args: args["s"] is not None,
 }
@@ -91,6 +95,21 @@ def causal_args(causal_offset: int | None, Nq: int, Nk: int,
     if causal_offset is None:
         return False, Nk, False
     return True, max(-Nq, min(int(causal_offset), Nk)), from_end
+
+
+def key_lengths(seqused_k: torch.Tensor | None, k: torch.Tensor, varlen: bool) -> torch.Tensor | None:
+    """`seqused_k` as the kernels read it: int32 `(B,)`, each batch's used key length, never read on
+    the host (no sync; the kernels clamp it to `[0, Nk]`). Dense mode only: varlen's documents
+    have their key lengths in cu_seqlens_k."""
+    if seqused_k is None:
+        return None
+    if varlen:
+        raise ValueError("seqused_k is for dense (B, H, N, D) inputs; in varlen mode each document's key "
+                         "length is given by cu_seqlens_k")
+    if seqused_k.shape != (k.shape[0],) or seqused_k.dtype != torch.int32 or seqused_k.device != k.device:
+        raise ValueError(f"seqused_k must be an int32 ({k.shape[0]},) tensor on {k.device}; got "
+                         f"{seqused_k.dtype} {tuple(seqused_k.shape)} on {seqused_k.device}")
+    return seqused_k.contiguous()
 
 
 def shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):

@@ -41,6 +41,8 @@ tiles only.
 
 Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): as in
 `kernels/softmax.py`, each program reads its document's offsets and lengths from cu_seqlens.
+Key lengths (`HAS_KEY_LENGTHS`, `seqused_k`) too: the tiles past a batch's are never visited,
+so their flags stay clear.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from .common import (
     fake_gradients,
     first_order_only,
     forward_shapes,
+    key_lengths,
     length_scale_grad,
     length_scale_grad_from_rows,
     length_scale_vector,
@@ -112,11 +115,14 @@ def entmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
     j <= i + causal_offset. `length_scale`: None, a float or a `()` / `(Hq,)` tensor. The Newton
     passes stop at `MAX_NEWTON_STEPS` (read at each call, as is the testing hook `BISECT_ONLY`).
+    `seqused_k`: the key lengths, as `softmax_attention_fwd`'s (the tiles past them are never
+    visited and stay unflagged).
 
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and, for the backward, `row_max` and `tau`
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
@@ -125,6 +131,7 @@ def entmax_attention_fwd(
     Varlen as in `softmax_attention_fwd` (`causal_from_end` too): packed `(total, H, D)` inputs,
     `out` (total_q, Hq, Dv), `row_max` and `tau` (Hq, total_q)."""
     varlen = cu_seqlens_q is not None
+    seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out_shape, row_shape = forward_shapes(q, v, varlen)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -143,15 +150,16 @@ def entmax_attention_fwd(
         # flags' branches keep more alive than softmax's loop); 4 warps take 198-208, no spill.
         num_warps = 4
     capability = device_capability(q.device)
-    if (varlen and capability is not None and capability < 90 and q.dtype != torch.float32
-            and max(BLOCK_D, BLOCK_DV) <= 64):
+    if ((varlen or seqused_k is not None) and capability is not None and capability < 90
+            and q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64):
         # Varlen before Hopper, D <= 64 in 16 bits: 4 warps left a 24-byte stack frame on sm_80
         # (alpha 1.25, causal, length scaling; 168 registers); 8 warps take 123, none. The
-        # blocks, which the tile flags refer to, stay.
+        # blocks, which the tile flags refer to, stay. Key lengths likewise (sparsemax, bf16:
+        # 128 registers and an 8-byte frame with 4 warps).
         num_warps = 8
     entmax_attention_fwd_kernel[(triton.cdiv(grid_nq, BLOCK_M), B * Hq)](
         q, k, v, out, row_max, tau, tile_flags, length_scale_vector(length_scale, Hq, q.device),
-        cu_seqlens_q, cu_seqlens_k,
+        cu_seqlens_q, cu_seqlens_k, seqused_k,
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, *flags_shape[1:],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
@@ -169,13 +177,15 @@ def entmax_attention_bwd(
     length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
     the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns
     `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the gradient of the `(Hq,)` length scale in
-    fp32 (None without length scaling). Varlen as in `entmax_attention_fwd`, the tensors in its
-    packed layouts."""
+    fp32 (None without length scaling). Varlen and `seqused_k` as in `entmax_attention_fwd`, the
+    tensors in its packed layouts (the unused keys get gradient 0)."""
     varlen = cu_seqlens_q is not None
+    seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     s = length_scale_vector(length_scale, Hq, q.device)
@@ -207,13 +217,15 @@ def entmax_attention_bwd(
         dq_warps = 8 if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64 else num_warps
         entmax_attention_bwd_kernel_dq[row_grid](
             q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
-            *qkv_strides, *strides(dq, varlen),
+            seqused_k, *qkv_strides, *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **{**common, "num_warps": dq_warps},
         )
 
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # with key lengths, the key blocks past a batch's return at once: their dK, dV stay 0
+    new_grad = torch.empty if seqused_k is None else torch.zeros
+    dk = new_grad(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_grad(v.shape, dtype=v.dtype, device=v.device)
     # Before Hopper, dK/dV holds 32 keys rather than 64 at D <= 64 in 16 bits: with 64, ptxas
     # spilled 8-16 bytes on sm_80 for every alpha (u and the support test keep more alive than
     # softmax's p). sm_90 keeps 64, which its warpgroup MMA needs and which builds without spills
@@ -233,7 +245,7 @@ def entmax_attention_bwd(
     if B * Hkv * grid_nk > 0:
         entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
             q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
-            *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
+            seqused_k, *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
             BLOCK_M=rows_streamed, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
             **common,
@@ -251,15 +263,16 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-    causal_from_end: bool = False,
+    causal_from_end: bool = False, seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
-                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)
+                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
+                                seqused_k=seqused_k)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     flags = q.new_empty(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k), dtype=torch.int8)
     return (q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32),
@@ -273,16 +286,17 @@ def _bwd_op(
     length_scale: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset,
                                           length_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, causal_from_end)
+                                          max_seqlen_k, causal_from_end, seqused_k=seqused_k)
     return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
     return fake_gradients(q, k, v, length_scale)
 
 
@@ -296,9 +310,9 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 
 class EntmaxAttentionFunction(torch.autograd.Function):
-    """Wires the launchers (through their custom ops) into autograd. The trailing arguments,
-    `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in
-    varlen mode only.
+    """Wires the launchers (through their custom ops) into autograd. `seqused_k` (dense mode's key
+    lengths) may be None; the trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, causal_from_end)`, are given in varlen mode only.
     Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
     ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
     only what `setup_context` sees); they are not differentiable, and `entmax_attention` returns
@@ -307,34 +321,36 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, alpha, causal_offset, length_scale, *varlen):
+    def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
-        return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen)
+        return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen,
+                                                       seqused_k=seqused_k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, alpha, causal_offset, length_scale, *varlen = inputs
+        q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, *varlen = inputs
         _, row_max, tau, tile_flags = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, *save_varlen_args(ctx, tuple(varlen)))
+        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k,
+                              *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.alpha, ctx.causal_offset = scale, alpha, causal_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.mark_non_differentiable(row_max, tau, tile_flags)
 
     @staticmethod
     def backward(ctx, dout, _drow_max, _dtau, _dflags):
-        q, k, v, row_max, tau, tile_flags, s, *cu_seqlens = ctx.saved_tensors
+        q, k, v, row_max, tau, tile_flags, s, seqused_k, *cu_seqlens = ctx.saved_tensors
         # No graph through the op: custom ops wrap themselves for autograd in a Function
         # torch.func refuses. first_order_only gives the gradients theirs.
         with torch.no_grad():
             dq, dk, dv, ds = torch.ops.longattn.entmax_attention_bwd(
                 dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
-                *varlen_launch_args(ctx, cu_seqlens),
+                *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k,
             )
         dq, dk, dv, ds = first_order_only("longattn::entmax_attention_bwd", (dq, dk, dv, ds),
                                           (dout, q, k, v, s))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[6])
-        return dq, dk, dv, None, None, None, d_length_scale, *varlen_no_grads(ctx, cu_seqlens)
+        return dq, dk, dv, None, None, None, d_length_scale, None, *varlen_no_grads(ctx, cu_seqlens)
 
 
 def _check_alpha(alpha) -> float:
@@ -354,6 +370,7 @@ def entmax_attention(
     is_causal: bool = False,
     causal_offset: int | None = None,
     length_scale: float | torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha-entmax attention (sparsemax at alpha = 2) by the tiled Triton kernels (the Triton
     interpreter on CPU, with `TRITON_INTERPRET=1` set before longattn is imported).
@@ -371,6 +388,8 @@ def entmax_attention(
         length_scale: `s` of length scaling (SSMax's, Nakanishi 2025): row i of head h has its
             `q . k` multiplied by `s_h * ln(n_i)`, `n_i` the keys it may see. A float, or a
             `()` / `(Hq,)` tensor that may require grad.
+        seqused_k: the key lengths, as `softmax_attention`'s: int32 `(B,)`, batch b attending
+            to its first `clamp(seqused_k[b], 0, Nk)` keys only.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype. A row with no key gives 0 and gradient 0.
@@ -379,7 +398,8 @@ def entmax_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
-    return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale)[0]
+    return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
+                                         seqused_k)[0]
 
 
 def entmax_varlen_attention(
@@ -404,6 +424,6 @@ def entmax_varlen_attention(
     if causal_offset is None and is_causal:
         causal_offset = 0
     return EntmaxAttentionFunction.apply(
-        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
+        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )[0]

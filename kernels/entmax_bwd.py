@@ -34,7 +34,7 @@ def _load_row_stats(row_max, tau, offs_m, mask_m):
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dkdv(
-    q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -47,7 +47,7 @@ def entmax_attention_bwd_kernel_dkdv(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
@@ -56,8 +56,8 @@ def entmax_attention_bwd_kernel_dkdv(
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in the row stats: (B, Hq, Nq), or (Hq, total_q) in varlen mode
     i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True, IS_VARLEN,
-        CAUSAL_FROM_END)
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True,
+        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -203,7 +203,7 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dq(
-    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -214,7 +214,7 @@ def entmax_attention_bwd_kernel_dq(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
@@ -222,8 +222,8 @@ def entmax_attention_bwd_kernel_dq(
     Both passes visit the flagged tiles only: the forward's blocks."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
-        CAUSAL_FROM_END)
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
+        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)

@@ -200,7 +200,7 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_fwd_kernel(
-    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -210,12 +210,12 @@ def entmax_attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_STEPS: tl.constexpr, TOL: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr, BISECT_ONLY: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, BISECT_ONLY: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
-        CAUSAL_FROM_END)
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
+        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)

@@ -25,9 +25,9 @@ def doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
 
 
 @triton.jit
-def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk, causal_offset,
+def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROUP, Nq, Nk, causal_offset,
                      BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     CAUSAL_FROM_END: tl.constexpr):
+                     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr):
     """Where the program with ids `(i_blk, i_bh)` works: the one prologue of every kernel.
 
     A query-block program (forward, dQ; `KEY_BLOCKS` false) holds block `i_blk` of the rows of
@@ -39,14 +39,18 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk, 
     Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done)`:
     - `bos_q`, `bos_k`: the sequence's first query row and key in the packed layout (int64; 0
       when dense), for the base pointers (`sequence_offset`);
-    - `Nq`, `Nk`: the sequence's lengths (the document's in varlen mode);
+    - `Nq`, `Nk`: the sequence's lengths (the document's in varlen mode); with `HAS_KEY_LENGTHS`
+      (dense only) `Nk` is the batch's used key length `seqused_k[i_b]`, clamped to `[0, Nk]`
+      as flash-attn's, so every bound and mask below it (`keys_seen`, `key_end`,
+      `allowed_keys`, the loads and stores) leaves the later keys out;
     - `causal_offset`: the sequence's; in varlen mode with `CAUSAL_FROM_END` (set only with the
       causal mask) the one given counts from the document's bottom-right corner, so the
       document's is `causal_offset + Nk - Nq`, clamped to `[-Nq, Nk]` as the launchers clamp
       (`causal_args`), which changes no row;
     - `row`: head `i_h`'s first row in the per-row statistics (`head_row`);
     - `done`: the block starts past the document's end (the grid spans the longest document; a
-      dense grid has no such block), so the program returns at once."""
+      dense grid has no such block but a key block past the used key length), so the program
+      returns at once."""
     i_b, i_hh = i_bh // H, i_bh % H
     if KEY_BLOCKS:
         i_hkv = i_hh
@@ -64,10 +68,15 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, H, GROUP, Nq, Nk, 
         Nq, Nk = len_q, len_k
         if CAUSAL_FROM_END:
             causal_offset = tl.maximum(tl.minimum(causal_offset + Nk - Nq, Nk), -Nq)
-    elif KEY_BLOCKS:
-        row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
     else:
-        row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
+        if HAS_KEY_LENGTHS:  # the launchers zero-fill dK, dV for the key blocks that return here
+            Nk = tl.minimum(tl.maximum(tl.load(seqused_k + i_b), 0), Nk)
+            if KEY_BLOCKS:
+                done = i_blk * BLOCK >= Nk
+        if KEY_BLOCKS:
+            row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
+        else:
+            row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
     return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done
 
 

@@ -22,6 +22,11 @@ document's offsets and lengths from cu_seqlens, so the above holds per document 
 keys counted from the document's start (`softmax_varlen_attention`); with `CAUSAL_FROM_END` the
 causal offset counts from its bottom-right corner, each program adding its document's
 `Nk - Nq` (`program_prologue`). It compiles away otherwise.
+
+Key lengths (`HAS_KEY_LENGTHS`, set when the launchers get `seqused_k`, dense mode only): each
+program takes its batch's `clamp(seqused_k[b], 0, Nk)` as Nk (`program_prologue`), so the keys
+past it are outside every loop bound, mask and `n_i`, as flash-attn's `seqused_k`; the dK/dV
+programs past it return at once, the launcher having zero-filled dK and dV.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .common import (
     fake_gradients,
     first_order_only,
     forward_shapes,
+    key_lengths,
     length_scale_grad,
     length_scale_grad_from_rows,
     length_scale_vector,
@@ -81,7 +87,7 @@ LN2 = tl.constexpr(math.log(2.0))
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_fwd_kernel(
-    q, k, v, o, lse, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, o, lse, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -90,12 +96,13 @@ def softmax_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
-        CAUSAL_FROM_END)
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
+        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -169,7 +176,7 @@ def softmax_attention_bwd_preprocess_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # row-wise, so varlen runs it over the packed rows as one sequence: never IS_VARLEN
     i_b, i_h, _, bos_q, _, _, _, _, row, _ = program_prologue(
-        i_m, i_bh, None, None, Hq, 1, Nq, 0, 0, BLOCK_M, False, False, False)
+        i_m, i_bh, None, None, None, Hq, 1, Nq, 0, 0, BLOCK_M, False, False, False, False)
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < Nq)[:, None] & (offs_dv < Dv)[None, :]
@@ -195,7 +202,7 @@ def _load_row_stats(lse, delta, offs_m, mask_m):
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dkdv(
-    q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -206,15 +213,16 @@ def softmax_attention_bwd_kernel_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in lse, delta: (B, Hq, Nq), or (Hq, total_q) in varlen mode
     i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True, IS_VARLEN,
-        CAUSAL_FROM_END)
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True,
+        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,7 +285,7 @@ def softmax_attention_bwd_kernel_dkdv(
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dq(
-    q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -287,14 +295,15 @@ def softmax_attention_bwd_kernel_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False, IS_VARLEN,
-        CAUSAL_FROM_END)
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
+        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
     if done:
         return
     k += sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn)
@@ -355,10 +364,14 @@ def softmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides.
     `causal_offset`: None (no mask) or key j allowed for row i iff j <= i + causal_offset.
     `length_scale`: None, a float or a `()` / `(Hq,)` tensor.
+    `seqused_k` (dense only): int32 `(B,)`, batch b attending to its first
+    `clamp(seqused_k[b], 0, Nk)` keys only, as flash-attn's (the rest have weight 0, are not
+    counted in n_i, and their tiles are skipped).
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and the natural-log `lse` (B, Hq, Nq) in fp32.
 
     Varlen, with `cu_seqlens_q`, `cu_seqlens_k` (int32, `(num_docs + 1,)`, checked by the caller)
@@ -368,6 +381,7 @@ def softmax_attention_fwd(
     it counts from the document's bottom-right corner, `j <= i + causal_offset + n_k - n_q`).
     Returns `out` (total_q, Hq, Dv) and `lse` (Hq, total_q)."""
     varlen = cu_seqlens_q is not None
+    seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, _ = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out_shape, row_shape = forward_shapes(q, v, varlen)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -380,7 +394,7 @@ def softmax_attention_fwd(
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
     softmax_attention_fwd_kernel[grid](
         q, k, v, out, lse, length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
-        *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
+        seqused_k, *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, DOT_PRECISION=dot_precision(q.dtype),
@@ -395,13 +409,16 @@ def softmax_attention_bwd(
     length_scale=None, dlse: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `softmax_attention_fwd` from the upstream `do` (and `dlse`, the gradient of
     the lse, if any). `out` and `lse` may come from elsewhere, e.g. merged over key shards: P is
     recomputed as exp(z - lse). Returns `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the
     gradient of the `(Hq,)` length scale in fp32 (None without length scaling). Varlen as in
-    `softmax_attention_fwd`, the tensors in its packed layouts."""
+    `softmax_attention_fwd`, the tensors in its packed layouts; `seqused_k` as there (the
+    unused keys get gradient 0)."""
     varlen = cu_seqlens_q is not None
+    seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     s = length_scale_vector(length_scale, Hq, q.device)
@@ -424,11 +441,13 @@ def softmax_attention_bwd(
         if dlse is not None:  # d lse_i / d z_ij = P_ij: folds into the row term
             delta -= dlse.float()
 
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # with key lengths, the key blocks past a batch's return at once: their dK, dV stay 0
+    new_grad = torch.empty if seqused_k is None else torch.zeros
+    dk = new_grad(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_grad(v.shape, dtype=v.dtype, device=v.device)
     if B * Hkv * grid_nk > 0:
         softmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, BLOCK_HELD), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
@@ -439,7 +458,7 @@ def softmax_attention_bwd(
     ds_row = None if s is None else torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     if B * Hq * grid_nq * D > 0:
         softmax_attention_bwd_kernel_dq[(triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)](
-            q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
@@ -458,15 +477,16 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-    causal_from_end: bool = False,
+    causal_from_end: bool = False, seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale,
-                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)
+                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
+                                 seqused_k=seqused_k)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     return q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32)
 
@@ -478,16 +498,17 @@ def _bwd_op(
     length_scale: torch.Tensor | None, dlse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           causal_from_end)
+                                           causal_from_end, seqused_k=seqused_k)
     return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
     return fake_gradients(q, k, v, length_scale)
 
 
@@ -502,30 +523,32 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
-    The trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    causal_from_end)`, are given in varlen mode only. Forward and `setup_context` apart, as
-    torch.func needs; its vmap rule is generated from the ops' (`vmap_by_loop`)."""
+    `seqused_k` (dense mode's key lengths) may be None; the trailing arguments, `(cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only.
+    Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
+    ops' (`vmap_by_loop`)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, causal_offset, length_scale, *varlen):
+    def forward(q, k, v, scale, causal_offset, length_scale, seqused_k, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
-        return torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen)
+        return torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen,
+                                                        seqused_k=seqused_k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, causal_offset, length_scale, *varlen = inputs
+        q, k, v, scale, causal_offset, length_scale, seqused_k, *varlen = inputs
         out, lse = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, out, lse, s, *save_varlen_args(ctx, tuple(varlen)))
+        ctx.save_for_backward(q, k, v, out, lse, s, seqused_k, *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.causal_offset = scale, causal_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.set_materialize_grads(False)  # so an unused lse costs nothing in the backward
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, s, *cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse, s, seqused_k, *cu_seqlens = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         # No graph through the op: custom ops wrap themselves for autograd in a Function
@@ -533,12 +556,12 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
         with torch.no_grad():
             dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
                 dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
-                *varlen_launch_args(ctx, cu_seqlens),
+                *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k,
             )
         dq, dk, dv, ds = first_order_only("longattn::softmax_attention_bwd", (dq, dk, dv, ds),
                                           (dout, dlse, q, k, v, out, lse, s))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[5])
-        return dq, dk, dv, None, None, d_length_scale, *varlen_no_grads(ctx, cu_seqlens)
+        return dq, dk, dv, None, None, d_length_scale, None, *varlen_no_grads(ctx, cu_seqlens)
 
 
 def softmax_attention(
@@ -550,6 +573,7 @@ def softmax_attention(
     causal_offset: int | None = None,
     length_scale: float | torch.Tensor | None = None,
     return_lse: bool = False,
+    seqused_k: torch.Tensor | None = None,
 ):
     """Softmax attention by the tiled Triton kernels (the Triton interpreter on CPU, with
     `TRITON_INTERPRET=1` set before longattn is imported).
@@ -567,6 +591,10 @@ def softmax_attention(
             may require grad.
         return_lse: also return the natural-log logsumexp of each row, `(B, Hq, Nq)` float32
             (differentiable).
+        seqused_k: the key lengths, as flash-attn's: int32 `(B,)` on the inputs' device, batch b
+            attending to its first `clamp(seqused_k[b], 0, Nk)` keys only (the rest get weight
+            0 and gradient 0 and are not counted in `n_i`); read in the kernels, never on the
+            host. Combines with the causal mask, keys still counted from the tensor's start.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype (and the lse). A row with no key gives 0 (lse -inf) and
@@ -576,7 +604,7 @@ def softmax_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
-    out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale)
+    out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k)
     return (out, lse) if return_lse else out
 
 
@@ -622,7 +650,7 @@ def softmax_varlen_attention(
     if causal_offset is None and is_causal:
         causal_offset = 0
     out, lse = SoftmaxAttentionFunction.apply(
-        q, k, v, scale, causal_offset, length_scale,
+        q, k, v, scale, causal_offset, length_scale, None,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )
     return (out, lse) if return_lse else out

@@ -10,7 +10,9 @@ constexpr switches, heuristics and `num_warps` / `num_stages` they pass today ar
 built. Both modes are built: dense `(B, H, N, D)` launches (`_cases`) and varlen ones
 (`_varlen_cases`: packed `(total, H, D)` inputs of uneven documents with `cu_seqlens_q` /
 `cu_seqlens_k`, so IS_VARLEN is set and EVEN_M / EVEN_N are not), whose per-document bounds
-cost registers of their own and which get some launch choices of their own. Each recorded
+cost registers of their own and which get some launch choices of their own, and dense ones with
+key lengths (`_key_length_cases`: `seqused_k`, so HAS_KEY_LENGTHS is set, EVEN_N is not, and
+each program reads its batch's key bound). Each recorded
 argument is specialised as Triton's JIT does at a real launch (see `_specialise`), then
 compiled by `triton.compile` in worker processes that import the kernels with
 TRITON_INTERPRET=0 (the interpreter's kernels cannot be compiled) and a fresh cache.
@@ -239,15 +241,26 @@ def _varlen_cases():
         yield "entmax", d, docs, False, True, 1.25, ["fp16"]
 
 
-def _launcher_call(family, d, n, causal, scaled, alpha):
+def _key_length_cases():
+    """The same tuples for dense runs with key lengths (`seqused_k`): the softmax kernels and the
+    entmax ones at their most register-hungry (alpha 1.25's pow, causal, length scaling) and at
+    sparsemax's, per head dim."""
+    for d in HEAD_DIMS:
+        yield "softmax", d, LENGTHS["uneven"], True, True, None, ["fp16"]
+        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
+        yield "entmax", d, LENGTHS["even"], False, False, 2.0, ["bf16"]
+
+
+def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False):
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
     runtime value rather than the constexpr 1 that Hq == Hkv gives. `n` is a length (dense
     `(1, H, n, d)` inputs) or a tuple of document lengths (varlen: packed `(total, H, d)` inputs,
-    cu_seqlens the same for queries and keys)."""
+    cu_seqlens the same for queries and keys). `key_lengths`: dense, with `seqused_k`."""
     module = _module(family)
 
     def call():
         varlen = ()
+        seqused_k = torch.tensor([n // 2], dtype=torch.int32) if key_lengths else None
         if isinstance(n, tuple):
             total = sum(n)
             cu = torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
@@ -260,13 +273,15 @@ def _launcher_call(family, d, n, causal, scaled, alpha):
         s = torch.full((2,), 0.43) if scaled else None
         offset = 0 if causal else None
         if family == "softmax":
-            out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s, *varlen)
-            module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s, None, *varlen)
+            out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s, *varlen,
+                                                    seqused_k=seqused_k)
+            module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s, None, *varlen,
+                                         seqused_k=seqused_k)
         else:
             out, row_max, tau, flags = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s,
-                                                                   *varlen)
+                                                                   *varlen, seqused_k=seqused_k)
             module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, flags, d ** -0.5, alpha, offset, s,
-                                        *varlen)
+                                        *varlen, seqused_k=seqused_k)
     return call
 
 
@@ -281,8 +296,10 @@ def builds(tmp_path_factory):
         pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
     launches = []
     for sm in SHARED_LIMIT:
-        for family, d, n, causal, scaled, alpha, dtype_names in (*_cases(), *_varlen_cases()):
-            call = _launcher_call(family, d, n, causal, scaled, alpha)
+        runs = [(case, False) for case in (*_cases(), *_varlen_cases())]
+        runs += [(case, True) for case in _key_length_cases()]
+        for (family, d, n, causal, scaled, alpha, dtype_names), key_lengths in runs:
+            call = _launcher_call(family, d, n, causal, scaled, alpha, key_lengths)
             launches += [(family, *b, sm) for b in record_launches(_module(family), call, dtype_names, sm)]
     unique = {}
     for family, name, bound, options, sm in launches:  # e.g. softmax's preprocess ignores causal, scaling

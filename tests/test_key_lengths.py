@@ -53,6 +53,19 @@ def test_key_lengths_are_the_key_mask(backend, normalizer, alpha, causal_offset)
     assert got[1][1, :, 5:].abs().max() == 0 and got[2][1, :, 5:].abs().max() == 0  # unseen keys
 
 
+@pytest.mark.parametrize("normalizer", ["ssmax", "entmax"])
+def test_triton_takes_key_lengths_itself(normalizer):
+    """backend="triton" (the interpreter, float32) gets the lengths, not a mask: it would refuse
+    a mask. `tests/test_kernel_key_lengths.py` holds the kernels to the reference in depth."""
+    lengths = torch.tensor(LENGTHS)
+    q, k, v, s, _ = (t.float() for t in inputs())
+    kwargs = dict(enable_gqa=True, normalizer=normalizer, length_scale=s, causal_offset=2)
+    got = longattn.scaled_dot_product_attention(q, k, v, seqused_k=lengths, backend="triton", **kwargs)
+    want = longattn.scaled_dot_product_attention(q.double(), k.double(), v.double(), backend="reference",
+                                                 attn_mask=key_mask(lengths, 13), **kwargs)
+    assert rel_err(got, want) < 1e-5
+
+
 def test_unbatched_and_int64():
     q, k, v, _, _ = inputs()
     lengths = torch.tensor([6])
