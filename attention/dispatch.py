@@ -93,12 +93,13 @@ def _run_dense(call: AttentionCall, backend: Backend) -> torch.Tensor:
 
 def _run_documents(call: AttentionCall, backend: Backend) -> torch.Tensor:
     """A packed call one document at a time, each a dense call on `backend`; the offsets are
-    read on the host (one sync) where they were not, and then checked, since slicing by wrong
-    ones would silently give other documents."""
-    call = replace(call, docs=call.docs.on_host())
+    read on the host (one sync) where they were not, and then checked (`varlen_attention`
+    checked those it read), since slicing by wrong ones would silently give other documents."""
+    if call.docs.offsets_q is None:
+        call = replace(call, docs=call.docs.on_host())
+        checks.check_offsets("cu_seqlens_q", call.docs.offsets_q, call.query.shape[0])
+        checks.check_offsets("cu_seqlens_k", call.docs.offsets_k, call.key.shape[0])
     q, v = call.query, call.value
-    checks.check_offsets("cu_seqlens_q", call.docs.offsets_q, q.shape[0])
-    checks.check_offsets("cu_seqlens_k", call.docs.offsets_k, call.key.shape[0])
     outs = [q.new_empty(0, q.shape[1], v.shape[2])]  # for zero documents
     for d in range(call.docs.count):
         outs.append(_run_dense(call.document(d), backend)[0].transpose(0, 1))  # (n_d, Hq, Dv)

@@ -67,6 +67,11 @@ class Settings:
     length_scale: float | str | None = None
     backend: str = "auto"
 
+    @classmethod
+    def from_record(cls, record: dict) -> Settings:
+        """The settings of a config record (`convert` writes it; its other keys are ignored)."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__ if name in record})
+
 
 def _settings(normalizer, alpha, length_scale, backend) -> Settings:
     learnable = isinstance(length_scale, str) and length_scale == "learnable"
@@ -217,7 +222,7 @@ def _recorded_settings(module) -> Settings:
             f"config (`config.{CONFIG_KEY}`); {type(module).__name__}'s config has none: call "
             "longattn.integrations.transformers.convert(model, normalizer=...) or register() a name"
         )
-    return Settings(**{name: record[name] for name in Settings.__dataclass_fields__ if name in record})
+    return Settings.from_record(record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,13 +352,19 @@ def from_pretrained(path: str | os.PathLike, *, model_class=None, backend: str |
     if not isinstance(record, dict):
         raise ValueError(f"{path} holds no longattn settings (`{CONFIG_KEY}` in its config.json): it was not "
                          "saved after longattn.integrations.transformers.convert()")
-    settings = Settings(**{name: record[name] for name in Settings.__dataclass_fields__ if name in record})
+    settings = Settings.from_record(record)
     if backend is not None:
         settings = Settings(settings.normalizer, settings.alpha, settings.length_scale, backend)
     convert(model, **asdict(settings))
     if settings.length_scale == "learnable":
         _load_length_scales(model, path, kwargs)
     return model
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The keywords of `from_pretrained` that say where its files are."""
+    return {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+            if key in kwargs}
 
 
 def _model_classes(path, model_class, kwargs) -> list[type]:
@@ -363,9 +374,7 @@ def _model_classes(path, model_class, kwargs) -> list[type]:
 
     config = kwargs.get("config")
     if config is None:
-        hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-               if key in kwargs}
-        config = transformers.AutoConfig.from_pretrained(path, **hub)
+        config = transformers.AutoConfig.from_pretrained(path, **_hub_kwargs(kwargs))
     named = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or ()]
     classes = {PreTrainedModel}
     for cls in (model_class, *named):
@@ -397,8 +406,7 @@ def _load_length_scales(model: PreTrainedModel, path, kwargs) -> None:
     from transformers.utils import cached_file
 
     wanted = {name: p for name, p in model.named_parameters() if name.endswith(LENGTH_SCALE)}
-    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-           if key in kwargs}
+    hub = _hub_kwargs(kwargs)
     variant = kwargs.get("variant")
 
     def resolve(name: str):
