@@ -98,12 +98,13 @@ def _flash_limits(call: AttentionCall) -> str:
 
 def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], str]:
     """flash-attn aligns its causal mask bottom-right, `j <= i + Nk - Nq` (in each packed
-    document, its own lengths); a window `(-1, r)` widens it to `j <= i + Nk - Nq + r`. So
-    `causal_offset` maps to `(causal, window)` when it is at least `Nk - Nq` (0 when packed and
-    counted from each document's end, or where every document has as many queries as keys).
-    Returns that, and "" or the reason it does not map."""
-    offset = call.causal_offset
-    if offset is None:
+    document, its own lengths); a window `(l, r)` allows `i + Nk - Nq - l <= j <= i + Nk - Nq + r`
+    (-1: unbounded). So `causal_offset` and `window_offset` map to `(causal, window)` when the
+    first is at least `Nk - Nq` and the second at most (0 when packed and counted from each
+    document's end, or where every document has as many queries as keys). Returns that, and ""
+    or the reason it does not map."""
+    offset, window_offset = call.causal_offset, call.window_offset
+    if offset is None and window_offset is None:
         return (False, (-1, -1)), ""
     docs = call.docs
     if docs is None:
@@ -117,12 +118,18 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
             "the document's start only where every document is known to have as many queries as keys "
             "(given max_seqlen_q and max_seqlen_k, the offsets are not read); causal_offset='bottom_right' "
             "maps with any lengths")
-    if offset < bottom_right:
+    if offset is not None and offset < bottom_right:
         return (False, (-1, -1)), (f"flash-attn aligns causal masks bottom-right: causal_offset must be at "
                                    f"least {least}; got {offset}")
-    if offset == bottom_right:
-        return (True, (-1, -1)), ""
-    return (False, (-1, offset - bottom_right)), ""
+    if window_offset is not None and window_offset > bottom_right:
+        return (False, (-1, -1)), (f"flash-attn's sliding window reaches left from the bottom-right "
+                                   f"diagonal: its left edge, key i + {window_offset}, must not lie right "
+                                   f"of it, {least}")
+    left = -1 if window_offset is None else bottom_right - window_offset
+    right = -1 if offset is None else offset - bottom_right
+    if right == 0:
+        return (True, (-1, -1) if left == -1 else (left, 0)), ""
+    return (False, (left, right)), ""
 
 
 REFERENCE = Backend(
@@ -159,10 +166,11 @@ def triton_softmax(call: AttentionCall) -> torch.Tensor:
     q, k, v = call.query, call.key, call.value
     if call.docs is None:
         return softmax_attention(q, k, v, scale=call.scale, causal_offset=call.causal_offset,
-                                 length_scale=call.length_scale, seqused_k=call.seqused_k)
+                                 length_scale=call.length_scale, seqused_k=call.seqused_k,
+                                 window_size=_window_size(call))
     return softmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale,
                                     causal_offset=call.causal_offset, length_scale=call.length_scale,
-                                    causal_from_end=call.docs.causal_from_end)
+                                    causal_from_end=call.docs.causal_from_end, window_size=_window_size(call))
 
 
 def triton_entmax(call: AttentionCall) -> torch.Tensor:
@@ -171,10 +179,22 @@ def triton_entmax(call: AttentionCall) -> torch.Tensor:
     q, k, v = call.query, call.key, call.value
     if call.docs is None:
         return entmax_attention(q, k, v, scale=call.scale, alpha=call.alpha, causal_offset=call.causal_offset,
-                                length_scale=call.length_scale, seqused_k=call.seqused_k)
+                                length_scale=call.length_scale, seqused_k=call.seqused_k,
+                                window_size=_window_size(call))
     return entmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale, alpha=call.alpha,
                                    causal_offset=call.causal_offset, length_scale=call.length_scale,
-                                   causal_from_end=call.docs.causal_from_end)
+                                   causal_from_end=call.docs.causal_from_end, window_size=_window_size(call))
+
+
+def _window_size(call: AttentionCall) -> tuple[int, int] | None:
+    """The call's window as the kernels' entries take it, `(left, -1)` around `causal_offset`
+    (its right edge is part of the causal offset already): the entries' `window_bounds` turns it
+    back into `window_offset`. `left` is never negative: the window's left edge lies at or left
+    of its centre, and clamping both bounds kept their order."""
+    if call.window_offset is None:
+        return None
+    centre = 0 if call.causal_offset is None else call.causal_offset
+    return centre - call.window_offset, -1
 
 
 def _triton_docs(docs) -> tuple:
@@ -228,6 +248,11 @@ def _flash_length_factor(call: AttentionCall) -> torch.Tensor:
         if offset is not None and docs.causal_from_end:
             offset = offset + n_k - n_q_docs[doc]
     n = n_k if offset is None else torch.minimum(rows + offset + 1, n_k)
+    if call.window_offset is not None:  # counted from the same corner as the causal offset
+        window_offset = call.window_offset
+        if docs is not None and docs.causal_from_end:
+            window_offset = window_offset + n_k - n_q_docs[doc]
+        n = n - (rows + window_offset).clamp(min=0)
     ln_n = torch.log(n.clamp(min=1).float())
     s = torch.as_tensor(call.length_scale, dtype=torch.float32, device=device).expand(call.query.shape[1])
     factor = ln_n[:, None] * s[None, :]  # (Nq, Hq)

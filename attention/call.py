@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 def clamp_causal_offset(causal_offset: int | None, n_q: int, n_k: int) -> int | None:
     """The offset moved into `[-n_q, n_k]`, which changes no row: at `n_k` or above every row
-    sees every key, at `-n_q` or below none sees any. Keeps every path's index arithmetic (int64
-    in torch, int32 in the kernels) far from overflow."""
+    sees every key, at `-n_q` or below none sees any (and for a window's lower bound, `j >= i +
+    offset`, the reverse). Keeps every path's index arithmetic (int64 in torch, int32 in the
+    kernels) far from overflow."""
     return None if causal_offset is None else max(-n_q, min(causal_offset, n_k))
 
 
@@ -73,7 +74,10 @@ class AttentionCall:
     entmax with `alpha = 2`); `name` is what the caller asked for, for messages. Causality has
     one encoding: `causal_offset` None (no causal mask) or an int, key `j` allowed for row `i`
     iff `j <= i + causal_offset` (0 is SDPA's top-left; in packed mode, per document, counted
-    from its bottom-right corner where `docs.causal_from_end`).
+    from its bottom-right corner where `docs.causal_from_end`). A sliding window is a lower bound
+    beside it: `window_offset` None (none) or an int, key `j` allowed iff `j >= i + window_offset`,
+    counted from the same corner; a window's right edge is folded into `causal_offset`
+    (`checks.make_call`).
     """
 
     query: torch.Tensor
@@ -89,6 +93,7 @@ class AttentionCall:
     dropout_p: float = 0.0
     docs: PackedDocs | None = None
     seqused_k: torch.Tensor | None = None  # int32 (B,): batch b sees its first keys only (dense)
+    window_offset: int | None = None
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -123,8 +128,10 @@ class AttentionCall:
             t[a:b].transpose(0, 1).unsqueeze(0)
             for t, (a, b) in ((self.query, (q0, q1)), (self.key, (k0, k1)), (self.value, (k0, k1)))
         )
-        offset = self.causal_offset
-        if offset is not None and self.docs.causal_from_end:
-            offset += (k1 - k0) - (q1 - q0)
-        offset = clamp_causal_offset(offset, q1 - q0, k1 - k0)
-        return replace(self, query=q, key=k, value=v, causal_offset=offset, docs=None)
+        offsets = [self.causal_offset, self.window_offset]
+        for i, offset in enumerate(offsets):
+            if offset is not None and self.docs.causal_from_end:
+                offset += (k1 - k0) - (q1 - q0)
+            offsets[i] = clamp_causal_offset(offset, q1 - q0, k1 - k0)
+        return replace(self, query=q, key=k, value=v, causal_offset=offsets[0], window_offset=offsets[1],
+                       docs=None)

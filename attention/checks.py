@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..kernels.common import MIN_ALPHA  # host side only: compiles no kernel
+from ..kernels.common import MIN_ALPHA, window_bounds  # host side only: compiles no kernel
 from . import normalizers
 from .backends import BACKEND_CHOICES
 from .call import AttentionCall, PackedDocs, clamp_causal_offset
@@ -60,6 +60,20 @@ def check_causal(is_causal, causal_offset) -> int | str | None:
     return 0 if causal_offset is None and is_causal else causal_offset
 
 
+def check_window(window_size) -> tuple[int, int] | None:
+    """None, or flash-attn's `window_size=(left, right)`: two ints, each -1 (unbounded) or at least
+    0; `(-1, -1)` is no window, returned as None."""
+    if window_size is None:
+        return None
+    expected = "None or a pair (left, right) of ints, each -1 (unbounded) or >= 0"
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be {expected}; got {window_size!r}")
+    left, right = (check_int(f"window_size[{i}]", w, "an int") for i, w in enumerate(window_size))
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size must be {expected}; got {(left, right)}")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
 def check_seqused_k(seqused_k, query: torch.Tensor) -> torch.Tensor | None:
     """None, or per-batch key lengths: an int32 or int64 `(B,)` tensor on the query's device, as
     int32. Its values are not read (no host sync): the paths clamp them to `[0, Nk]`."""
@@ -79,12 +93,13 @@ def check_seqused_k(seqused_k, query: torch.Tensor) -> torch.Tensor | None:
 
 def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale, scale: float | None,
               causal_offset: int | str | None, attn_mask=None, dropout_p: float = 0.0,
-              docs: PackedDocs | None = None, seqused_k: torch.Tensor | None = None) -> AttentionCall:
+              docs: PackedDocs | None = None, seqused_k: torch.Tensor | None = None,
+              window: tuple[int, int] | None = None) -> AttentionCall:
     """The call of checked arguments in canonical form: the normalizer rewritten to its base
     record (`normalizers.canonical`), the scale's default, `1 / sqrt(D)`, resolved, the causal
-    offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed) and clamped to the
-    lengths (`clamp_causal_offset`) and, under `torch.autocast`, the inputs in its dtype
-    (`_autocast`)."""
+    offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed), the sliding window
+    (`check_window`) turned into bounds around it (`window_bounds`), both clamped to the lengths
+    (`clamp_causal_offset`) and, under `torch.autocast`, the inputs in its dtype (`_autocast`)."""
     record, alpha, length_scale = normalizers.canonical(normalizer, alpha, length_scale)
     query, key, value = _autocast(query, key, value)
     if docs is None:
@@ -93,18 +108,20 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
                 raise ValueError("causal_offset='bottom_right' with seqused_k is not supported yet (it would "
                                  "align to each batch's own length); pass an int offset")
             causal_offset = key.shape[-2] - query.shape[-2]
-        causal_offset = clamp_causal_offset(causal_offset, query.shape[-2], key.shape[-2])
+        lengths = query.shape[-2], key.shape[-2]
     else:
         if causal_offset == BOTTOM_RIGHT:
             causal_offset, docs = 0, replace(docs, causal_from_end=True)
         lengths = docs.max_seqlen_q, docs.max_seqlen_k
         if docs.causal_from_end:  # as `offset + n_k - n_q`, it changes no row in [-max_k, max_q] instead
             lengths = lengths[::-1]
-        causal_offset = clamp_causal_offset(causal_offset, *lengths)
+    causal_offset, window_offset = window_bounds(causal_offset, window)
+    causal_offset = clamp_causal_offset(causal_offset, *lengths)
+    window_offset = clamp_causal_offset(window_offset, *lengths)
     return AttentionCall(
         query, key, value, name=normalizer, normalizer=record, alpha=alpha, length_scale=length_scale,
         scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,
-        attn_mask=attn_mask, dropout_p=dropout_p, docs=docs, seqused_k=seqused_k,
+        attn_mask=attn_mask, dropout_p=dropout_p, docs=docs, seqused_k=seqused_k, window_offset=window_offset,
     )
 
 

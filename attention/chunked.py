@@ -13,6 +13,7 @@ Both take a dense `AttentionCall` (`attention/call.py`). The semantics are those
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +41,7 @@ def softmax_attention(call: AttentionCall) -> torch.Tensor:
     """Softmax (and SSMax, with a length scale) by torch's fused SDPA, in row blocks where SDPA
     cannot take the causal rule."""
     return _softmax_sdpa(call.query, call.key, call.value, call.attn_mask, call.dropout_p, call.causal_offset,
-                         call.scale, call.length_scale)
+                         call.window_offset, call.scale, call.length_scale)
 
 
 def entmax_attention(call: AttentionCall) -> torch.Tensor:
@@ -48,7 +49,7 @@ def entmax_attention(call: AttentionCall) -> torch.Tensor:
     q = call.query
     s = None if call.length_scale is None else _per_head(call.length_scale, q)
     out, _, _, _ = SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.causal_offset,
-                                         call.scale, call.alpha, call.dropout_p)
+                                         call.window_offset, call.scale, call.alpha, call.dropout_p)
     return out
 
 
@@ -70,22 +71,45 @@ def _mask_4d(attn_mask):
     return None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]
 
 
-def _causal_block(causal_offset, r0, r1, n_k, device):
-    """`(rows, n_k)`: key j allowed for row i iff `j <= i + causal_offset`."""
-    rows = torch.arange(r0, r1, device=device).view(-1, 1)
-    return torch.arange(n_k, device=device).view(1, -1) <= rows + causal_offset
+def _band_block(causal_offset, window_offset, r0, r1, k0, k1, device):
+    """`(rows, keys)` for rows `r0:r1` and keys `k0:k1`: key j allowed for row i iff
+    `i + window_offset <= j <= i + causal_offset` (a bound that is None: none), or None when
+    neither bound is set."""
+    if causal_offset is None and window_offset is None:
+        return None
+    gap = torch.arange(k0, k1, device=device).view(1, -1) - torch.arange(r0, r1, device=device).view(-1, 1)
+    if causal_offset is None:
+        return gap >= window_offset
+    allowed = gap <= causal_offset
+    return allowed if window_offset is None else allowed & (gap >= window_offset)
 
 
-def _causal_keys(causal_offset, r1, n_k):
-    """Rows before r1 see only keys before `r1 + causal_offset`: later ones are skipped."""
-    return n_k if causal_offset is None else max(0, min(n_k, r1 + causal_offset))
+def _key_range(causal_offset, window_offset, r0, r1, n_k):
+    """`(k0, k1)`: rows `r0:r1` see only keys in `[k0, k1)`, the causal rule and the window
+    leaving out the rest (`k0 == k1`: none)."""
+    k1 = n_k if causal_offset is None else max(0, min(n_k, r1 + causal_offset))
+    k0 = 0 if window_offset is None else max(0, min(n_k, r0 + window_offset))
+    return min(k0, k1), k1
 
 
-def _allowed_block(mask4, causal_offset, r0, r1, n_k, device):
+def _keys_of(t, k0, k1):
+    """Keys `k0:k1` of a mask (or its gradient) shaped `(..., Nk)`, which may broadcast along them."""
+    return t if t.shape[-1] == 1 else t[..., k0:k1]
+
+
+def _rows_per_block(elements, n_k, causal_offset, window_offset):
+    """Query rows per block, so that `rows x keys` holds about `elements`: with both bounds, a
+    block of r rows sees `r + band - 1` keys (`band` = the keys a row may see)."""
+    if causal_offset is None or window_offset is None:
+        return max(MIN_BLOCK_ROWS, elements // max(1, n_k))
+    band = max(1, causal_offset - window_offset + 1)
+    rows = (math.isqrt((band - 1) ** 2 + 4 * elements) - (band - 1)) // 2  # r (r + band - 1) = elements
+    return max(MIN_BLOCK_ROWS, rows, elements // max(1, n_k))
+
+
+def _allowed_block(mask4, causal_offset, window_offset, r0, r1, n_k, device):
     """Bool `(Bm, Hm, rows, n_k)` or `(rows, n_k)` of allowed keys for rows `r0:r1`, or None if all are."""
-    allowed = None
-    if causal_offset is not None:
-        allowed = _causal_block(causal_offset, r0, r1, n_k, device)
+    allowed = _band_block(causal_offset, window_offset, r0, r1, 0, n_k, device)
     if mask4 is not None:
         blk = mask4[:, :, r0:r1] if mask4.shape[2] > 1 else mask4
         blk = blk if blk.dtype == torch.bool else float_mask_allows(blk)
@@ -93,22 +117,20 @@ def _allowed_block(mask4, causal_offset, r0, r1, n_k, device):
     return allowed
 
 
-def allowed_counts(attn_mask, causal_offset, n_q, n_k, device):
+def allowed_counts(attn_mask, causal_offset, n_q, n_k, device, window_offset=None):
     """`n_i`, the keys row i may attend to, as float `(Bm, Hm, Nq)` (broadcastable to B, Hq)."""
     mask4 = _mask_4d(attn_mask)
     if mask4 is None:
         rows = torch.arange(n_q, device=device, dtype=torch.float64)
-        if causal_offset is None:
-            n = torch.full_like(rows, n_k)
-        else:
-            n = (rows + 1 + causal_offset).clamp(0, n_k)
-        return n.view(1, 1, n_q)
+        hi = torch.full_like(rows, n_k) if causal_offset is None else (rows + 1 + causal_offset).clamp(0, n_k)
+        lo = 0 if window_offset is None else (rows + window_offset).clamp(0, n_k)
+        return (hi - lo).clamp(min=0).view(1, 1, n_q)
     b_m, h_m = mask4.shape[:2]
     counts = torch.empty(b_m, h_m, n_q, device=device, dtype=torch.float64)
     step = max(1, BLOCK_ELEMENTS // max(1, b_m * h_m * n_k))
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
-        allowed = _allowed_block(mask4, causal_offset, r0, r1, n_k, device)
+        allowed = _allowed_block(mask4, causal_offset, window_offset, r0, r1, n_k, device)
         counts[:, :, r0:r1] = allowed.expand(b_m, h_m, r1 - r0, n_k).sum(-1)
     return counts
 
@@ -123,7 +145,7 @@ def length_factor(s, counts, num_heads):
 # Softmax and SSMax: torch's fused SDPA
 
 
-def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal_offset, scale, length_scale):
+def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal_offset, window_offset, scale, length_scale):
     out_dtype = q.dtype
     # SDPA's own call (no factor to fold in, a mask SDPA would take as it is) runs in the inputs'
     # dtype, as torch runs it; anything longattn adds is computed in float32, as the reference is:
@@ -131,30 +153,33 @@ def _softmax_sdpa(q, k, v, attn_mask, dropout_p, causal_offset, scale, length_sc
     sdpas_own = length_scale is None and (attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype))
     work = q.dtype if sdpas_own else _compute_dtype(q)
     if length_scale is not None:
-        counts = allowed_counts(attn_mask, causal_offset, q.shape[2], k.shape[2], q.device)
+        counts = allowed_counts(attn_mask, causal_offset, q.shape[2], k.shape[2], q.device, window_offset)
         q = q.to(work) * length_factor(_per_head(length_scale, q), counts, q.shape[1])
     q, k, v = (t.to(work) for t in (q, k, v))
     mask4 = _sdpa_mask(attn_mask, work)
     gqa = q.shape[1] != k.shape[1]
-    if causal_offset is None or (causal_offset == 0 and mask4 is None):
+    if window_offset is None and (causal_offset is None or (causal_offset == 0 and mask4 is None)):
         out = F.scaled_dot_product_attention(q, k, v, mask4, dropout_p, causal_offset == 0, scale=scale,
                                              enable_gqa=gqa)
         return out.to(out_dtype)
     # SDPA's causal flag is top-left only, and its math fallback refuses it beside a mask;
     # folding the rule into a (.., 1, Nk) padding mask would build an (Nq, Nk) one. Go by row
-    # blocks instead, each with its own slice of the causal rule.
-    rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, k.shape[2]))
+    # blocks instead, each with its own slice of the causal rule and the window: the keys
+    # outside a block's band are never read.
+    n_q, n_k = q.shape[2], k.shape[2]
+    rows = _rows_per_block(BLOCK_ELEMENTS, n_k, causal_offset, window_offset)
     outs = []
-    for r0 in range(0, q.shape[2], rows):
-        r1 = min(q.shape[2], r0 + rows)
-        # rows above the first key keep one, masked: SDPA gives them 0 and a zero gradient
-        nk = max(1, _causal_keys(causal_offset, r1, k.shape[2]))
-        mask = _causal_block(causal_offset, r0, r1, nk, q.device)
+    for r0 in range(0, n_q, rows):
+        r1 = min(n_q, r0 + rows)
+        k0, k1 = _key_range(causal_offset, window_offset, r0, r1, n_k)
+        if k0 == k1:  # rows that see no key keep one, masked: SDPA gives them 0 and a zero gradient
+            k0, k1 = min(k0, n_k - 1), min(k0, n_k - 1) + 1
+        mask = _band_block(causal_offset, window_offset, r0, r1, k0, k1, q.device)
         if mask4 is not None:
-            blk = mask4[:, :, r0:r1, :nk] if mask4.shape[2] > 1 else mask4[..., :nk]
+            blk = _keys_of(mask4[:, :, r0:r1] if mask4.shape[2] > 1 else mask4, k0, k1)
             mask = blk & mask if blk.dtype == torch.bool else blk.masked_fill(~mask, float("-inf"))
         outs.append(F.scaled_dot_product_attention(
-            q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], mask, dropout_p, scale=scale, enable_gqa=gqa
+            q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], mask, dropout_p, scale=scale, enable_gqa=gqa
         ))
     return torch.cat(outs, dim=2).to(out_dtype)
 
@@ -264,28 +289,32 @@ class _Blocks:
     is folded into the query once.
     """
 
-    def __init__(self, q, s, attn_mask, causal_offset, scale, alpha, h_kv, n_k, dropout_p, seed):
+    def __init__(self, q, s, attn_mask, causal_offset, window_offset, scale, alpha, h_kv, n_k, dropout_p,
+                 seed):
         b, h_q, n_q, _ = q.shape
         self.group, self.n_k = h_q // h_kv, n_k
-        self.causal_offset, self.alpha = causal_offset, alpha
+        self.causal_offset, self.window_offset, self.alpha = causal_offset, window_offset, alpha
         self.dropout_p, self.seed = dropout_p, seed
         self.mask4 = _mask_4d(attn_mask)
         self.c = torch.full((1, 1, 1, 1), (alpha - 1) * scale, dtype=q.dtype, device=q.device)
         self.dc_ds = None  # d c / d s_h, for the gradient of s
         if s is not None:
-            counts = allowed_counts(attn_mask, causal_offset, n_q, n_k, q.device)
+            counts = allowed_counts(attn_mask, causal_offset, n_q, n_k, q.device, window_offset)
             self.dc_ds = (alpha - 1) * scale * torch.log(counts.clamp(min=1)).to(q.dtype).unsqueeze(-1)
             self.c = self.c * length_factor(s, counts, h_q)
-        rows = min(n_q, max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, self.group * n_k)))
-        heads = min(h_kv, max(1, BLOCK_ELEMENTS // max(1, self.group * rows * n_k)))
+        rows = min(n_q, _rows_per_block(BLOCK_ELEMENTS // self.group, n_k, causal_offset, window_offset))
+        width = n_k  # the keys a block of rows sees, at most
+        if causal_offset is not None and window_offset is not None:
+            width = max(1, min(n_k, rows + causal_offset - window_offset))
+        heads = min(h_kv, max(1, BLOCK_ELEMENTS // max(1, self.group * rows * max(width, 1))))
         self.bounds = [
             (i, h0, min(h_kv, h0 + heads), r0, min(n_q, r0 + rows))
             for i in range(b) for h0 in range(0, h_kv, heads) for r0 in range(0, n_q, rows)
         ]
 
-    def keys(self, r1):
-        """How many keys the block's rows may see: causal rows skip the rest."""
-        return _causal_keys(self.causal_offset, r1, self.n_k)
+    def keys(self, r0, r1):
+        """`(k0, k1)`: the block's rows see keys `k0:k1` only (the causal rule and the window)."""
+        return _key_range(self.causal_offset, self.window_offset, r0, r1, self.n_k)
 
     def cut(self, t, i, h0, h1, r0, r1):
         """Block `(i, h0:h1, r0:r1)` of a tensor shaped like `(B, Hq, Nq, ...)`, where any of
@@ -302,17 +331,17 @@ class _Blocks:
         -inf, and which rows the masks leave no key (broadcastable bool, or None for none).
 
         `qx` is the query times `c`, grouped `(B, Hkv, G, Nq, D)`."""
-        nk = self.keys(r1)
+        k0, k1 = self.keys(r0, r1)
         q_blk = qx[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, D)
-        x = torch.matmul(q_blk, k[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (self.group, r1 - r0))
-        mask = None if self.mask4 is None else self.cut(self.mask4[..., :nk], i, h0, h1, r0, r1)
+        x = torch.matmul(q_blk, k[i, h0:h1, k0:k1].transpose(-1, -2)).unflatten(1, (self.group, r1 - r0))
+        mask = None if self.mask4 is None else self.cut(_keys_of(self.mask4, k0, k1), i, h0, h1, r0, r1)
         if mask is not None and mask.dtype != torch.bool:  # a float mask is added to z
             allows = float_mask_allows(mask)
             x.add_(mask.to(x.dtype).masked_fill(~allows, 0.0), alpha=self.alpha - 1)
             mask = allows
-        if self.causal_offset is not None:
-            causal = _causal_block(self.causal_offset, r0, r1, nk, x.device)
-            mask = causal if mask is None else mask & causal
+        band = _band_block(self.causal_offset, self.window_offset, r0, r1, k0, k1, x.device)
+        if band is not None:
+            mask = band if mask is None else mask & band
         if mask is None:
             return x, None
         x.masked_fill_(~mask, float("-inf"))
@@ -340,20 +369,21 @@ class _Blocks:
         return keep.div_(1 - self.dropout_p)
 
 
-def _sparse_forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
+def _sparse_forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p):
     """Blockwise sparsemax / alpha-entmax: `(out, row_max, tau, seed)`, the row statistics
     `(B, Hkv, G, Nq, 1)` in the compute dtype (entmax units), the dropout seed a 0-d int64."""
     dtype = _compute_dtype(q)
     b, h_kv, n_k, _ = k.shape
     seed = int(torch.randint(1 << 62, ())) if dropout_p > 0 else 0
     qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-    blocks = _Blocks(qc, s, attn_mask, causal_offset, scale, alpha, h_kv, n_k, dropout_p, seed)
+    blocks = _Blocks(qc, s, attn_mask, causal_offset, window_offset, scale, alpha, h_kv, n_k, dropout_p, seed)
     qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
     out = torch.empty(*qx.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
     row_max = torch.empty(*qx.shape[:-1], 1, dtype=dtype, device=q.device)
     tau = torch.empty_like(row_max)
     for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
-        if blocks.keys(r1) == 0:  # causal rows above the first key: no weight anywhere
+        k0, k1 = blocks.keys(r0, r1)
+        if k0 == k1:  # rows outside every key's band (above the first, say): no weight anywhere
             out[i, h0:h1, :, r0:r1] = 0
             row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = 0, float("inf")
             continue
@@ -371,19 +401,19 @@ def _sparse_forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_
         p, _ = blocks.probs(x, m, t)
         if dropout_p > 0:
             p.mul_(blocks.dropout_keep(p, index))
-        out_blk = torch.matmul(p.flatten(1, 2), vc[i, h0:h1, : blocks.keys(r1)])
+        out_blk = torch.matmul(p.flatten(1, 2), vc[i, h0:h1, k0:k1])
         out[i, h0:h1, :, r0:r1] = out_blk.unflatten(1, (blocks.group, r1 - r0))
     return out.flatten(1, 2).to(q.dtype), row_max, tau, torch.tensor(seed, device=q.device)
 
 
-def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha, dropout_p,
-                     mask_grad):
+def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, window_offset, scale,
+                     alpha, dropout_p, mask_grad):
     """Gradients of `_sparse_forward`, each block's weights recomputed from the saved `row_max`
     and `tau`: `(dq, dk, dv, ds, dmask)`; `ds` and `dmask` are empty when there is no length
     scale or no mask gradient to give (an op returns tensors, not None)."""
     dtype, h_kv = row_max.dtype, k.shape[1]
-    blocks = _Blocks(q.to(dtype), s, attn_mask, causal_offset, scale, alpha, h_kv, k.shape[2], dropout_p,
-                     int(seed))
+    blocks = _Blocks(q.to(dtype), s, attn_mask, causal_offset, window_offset, scale, alpha, h_kv, k.shape[2],
+                     dropout_p, int(seed))
     g = blocks.group
     qc, kc, vc = (t.to(dtype) for t in (q, k, v))
     qx = (qc * blocks.c).unflatten(1, (h_kv, g))
@@ -397,20 +427,20 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
     # the dims it broadcasts along
     dmask4 = torch.zeros(blocks.mask4.shape, dtype=dtype, device=q.device) if mask_grad else None
     for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
-        nk = blocks.keys(r1)
-        if nk == 0:
+        k0, k1 = blocks.keys(r0, r1)
+        if k0 == k1:
             dqx[i, h0:h1, :, r0:r1] = 0
             continue
         x, _ = blocks.logits(qx, kc, i, h0, h1, r0, r1)
         p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
         do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
-        dp = torch.matmul(do_blk, vc[i, h0:h1, :nk].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
+        dp = torch.matmul(do_blk, vc[i, h0:h1, k0:k1].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
         p_used = p
         if blocks.dropout_p > 0:
             keep = blocks.dropout_keep(p, index)
             p_used = p * keep
             dp.mul_(keep)
-        dv[i, h0:h1, :nk] += torch.matmul(p_used.flatten(1, 2).transpose(-1, -2), do_blk)
+        dv[i, h0:h1, k0:k1] += torch.matmul(p_used.flatten(1, 2).transpose(-1, -2), do_blk)
         # dp/dx = u / (alpha - 1), u = p ** (2 - alpha) on the support: the indicator for
         # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow)
         if alpha == 2.0:
@@ -422,11 +452,11 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
         delta = torch.linalg.vecdot(u, dp).unsqueeze(-1) / u.sum(-1, keepdim=True).clamp_(min=1e-30)
         dx = dp.sub_(delta).mul_(u).div_(alpha - 1)  # (heads, G, rows, keys)
         if dmask4 is not None:
-            target = blocks.cut(dmask4[..., :nk], i, h0, h1, r0, r1)  # a view into dmask4
+            target = blocks.cut(_keys_of(dmask4, k0, k1), i, h0, h1, r0, r1)  # a view into dmask4
             target.add_(dx.sum_to_size(target.shape), alpha=alpha - 1)
         dx = dx.flatten(1, 2)  # (heads, G*rows, keys)
-        dqx[i, h0:h1, :, r0:r1] = torch.matmul(dx, kc[i, h0:h1, :nk]).unflatten(1, (g, r1 - r0))
-        dk[i, h0:h1, :nk] += torch.matmul(dx.transpose(-1, -2), qx[i, h0:h1, :, r0:r1].flatten(1, 2))
+        dqx[i, h0:h1, :, r0:r1] = torch.matmul(dx, kc[i, h0:h1, k0:k1]).unflatten(1, (g, r1 - r0))
+        dk[i, h0:h1, k0:k1] += torch.matmul(dx.transpose(-1, -2), qx[i, h0:h1, :, r0:r1].flatten(1, 2))
     dq = dqx.flatten(1, 2) * blocks.c  # x = (q c) . k
     ds = q.new_empty(0, dtype=dtype)
     if s is not None:
@@ -444,13 +474,14 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
 
 @torch.library.custom_op("longattn::blockwise_entmax_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, causal_offset: int | None, scale: float, alpha: float,
+            attn_mask: torch.Tensor | None, causal_offset: int | None, window_offset: int | None,
+            scale: float, alpha: float,
             dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p)
+    return _sparse_forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
+def _(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p):
     b, h_kv, _, _ = k.shape
     stats = (b, h_kv, q.shape[1] // h_kv, q.shape[2], 1)
     dtype = _compute_dtype(q)
@@ -461,14 +492,16 @@ def _(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
 @torch.library.custom_op("longattn::blockwise_entmax_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
             attn_mask: torch.Tensor | None, row_max: torch.Tensor, tau: torch.Tensor, seed: torch.Tensor,
-            causal_offset: int | None, scale: float, alpha: float, dropout_p: float,
+            causal_offset: int | None, window_offset: int | None, scale: float, alpha: float,
+            dropout_p: float,
             mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha,
-                            dropout_p, mask_grad)
+    return _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, window_offset,
+                            scale, alpha, dropout_p, mask_grad)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, scale, alpha, dropout_p, mask_grad):
+def _(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, window_offset, scale, alpha, dropout_p,
+      mask_grad):
     ds = q.new_empty(0, dtype=row_max.dtype) if s is None else s.new_empty(s.shape)
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dmask
@@ -488,17 +521,17 @@ class SparseAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p):
-        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, attn_mask, causal_offset, scale, alpha,
-                                                       dropout_p)
+    def forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p):
+        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, attn_mask, causal_offset, window_offset,
+                                                       scale, alpha, dropout_p)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, s, attn_mask, causal_offset, scale, alpha, dropout_p = inputs
+        q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p = inputs
         _, row_max, tau, seed = output
         ctx.mark_non_differentiable(row_max, tau, seed)
         ctx.save_for_backward(q, k, v, s, attn_mask, row_max, tau, seed)
-        ctx.args = (causal_offset, scale, alpha, dropout_p)
+        ctx.args = (causal_offset, window_offset, scale, alpha, dropout_p)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
@@ -510,4 +543,5 @@ class SparseAttention(torch.autograd.Function):
             )
         dq, dk, dv, ds, dmask = first_order_only("longattn::blockwise_entmax_bwd", (dq, dk, dv, ds, dmask),
                                                  (grad_out, q, k, v, s, attn_mask))
-        return dq, dk, dv, ds if s is not None else None, dmask if mask_grad else None, None, None, None, None
+        ds = ds if s is not None else None
+        return dq, dk, dv, ds, dmask if mask_grad else None, *(None,) * len(ctx.args)

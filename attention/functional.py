@@ -23,6 +23,7 @@ def scaled_dot_product_attention(
     length_scale: float | torch.Tensor | None = None,
     causal_offset: int | str | None = None,
     seqused_k: torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Scaled dot-product attention with a choice of normalizer.
@@ -37,13 +38,17 @@ def scaled_dot_product_attention(
 
         def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None,
-                      seqused_k=None):
+                      seqused_k=None, window_size=None):
             scale = q.size(-1) ** -0.5 if scale is None else scale
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)     # GQA
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
             allowed = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool)
             if is_causal or causal_offset is not None:                  # j <= i + offset,
                 allowed = allowed.tril(diagonal=causal_offset or 0)     # 0: top-left
+            if window_size is not None:                                 # (left, right), -1: unbounded
+                (left, right), c = window_size, causal_offset or 0     # around the causal diagonal
+                i, j = torch.arange(q.size(-2)).view(-1, 1), torch.arange(k.size(-2))
+                allowed = allowed & ((left < 0) | (j >= i + c - left)) & ((right < 0) | (j <= i + c + right))
             if seqused_k is not None:                                   # batch b: its first keys
                 allowed = allowed & (torch.arange(k.size(-2)) < seqused_k.view(-1, 1, 1, 1))
             bias = 0.0
@@ -108,6 +113,11 @@ def scaled_dot_product_attention(
             its first ``seqused_k[b]`` keys only (values are clamped to ``[0, Nk]`` and not read
             on the host). A right-padded batch or a partly filled KV cache without a dense mask;
             the other masks and the causal offset (counted from the tensors' start) apply too.
+        window_size: a sliding window, flash-attn's ``(left, right)``: row ``i`` attends to keys
+            ``i + c - left <= j <= i + c + right``, ``c`` the causal offset (0 without one, so
+            ``is_causal=True, window_size=(w - 1, 0)`` is Mistral's window of ``w`` keys), ``-1``
+            for a side without bound; combined with every other mask. The paths visit only the
+            keys inside it, so the cost grows as ``N * w``, and ``n_i`` counts the keys in it.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash"``
             (flash-attn, when installed: softmax and SSMax on CUDA in 16 bits). ``"auto"`` takes
             the first of flash-attn and the Triton kernels that serves a CUDA call, else
@@ -126,7 +136,7 @@ def scaled_dot_product_attention(
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, attn_mask=attn_mask,
         dropout_p=checks.check_dropout(dropout_p),
-        seqused_k=checks.check_seqused_k(seqused_k, _batched(query)),
+        seqused_k=checks.check_seqused_k(seqused_k, _batched(query)), window=checks.check_window(window_size),
     )
     out = dispatch.run(call, checks.check_backend(backend))
     return out.squeeze(0) if query.dim() == 3 else out
@@ -144,6 +154,7 @@ def attention_weights(
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
     causal_offset: int | None = None,
+    window_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The attention weights `p` of :func:`scaled_dot_product_attention` (no dropout), computed
     by the reference: ``(B, Hq, Nq, Nk)`` (or ``(Hq, Nq, Nk)``) in float32, or float64 for
@@ -157,7 +168,7 @@ def attention_weights(
         _batched(query), _batched(key), _batched(key), normalizer=checks.check_normalizer(normalizer),
         alpha=checks.check_alpha(alpha), scale=checks.check_scale(scale), causal_offset=causal_offset,
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
-        attn_mask=attn_mask,
+        attn_mask=attn_mask, window=checks.check_window(window_size),
     )
     weights = reference.weights(call)
     return weights.squeeze(0) if query.dim() == 3 else weights

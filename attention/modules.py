@@ -73,15 +73,17 @@ class ScaledDotProductAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
         *,
-        causal_offset: int | None = None,
+        causal_offset: int | str | None = None,
+        seqused_k: torch.Tensor | None = None,
+        window_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` -> ``(B, Hq, Nq, Dv)``;
-        ``causal_offset`` as :func:`longattn.scaled_dot_product_attention` (``Nk - Nq`` when
-        decoding with a KV cache)."""
+        ``causal_offset`` (``"bottom_right"`` when decoding with a KV cache), ``seqused_k`` and
+        ``window_size`` as :func:`longattn.scaled_dot_product_attention`."""
         return scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             normalizer=self.normalizer, alpha=self.alpha, length_scale=self.length_scale,
-            causal_offset=causal_offset, backend=self.backend,
+            causal_offset=causal_offset, seqused_k=seqused_k, window_size=window_size, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -151,8 +153,11 @@ class MultiheadAttention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+        window_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """``(B, N, embed_dim)`` -> ``(B, N, embed_dim)``; ``attn_mask``, ``is_causal`` and
+        ``window_size`` as :func:`longattn.scaled_dot_product_attention`."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}); got {shape}")
@@ -164,5 +169,6 @@ class MultiheadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
+            window_size=window_size,
         )
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -38,7 +38,8 @@ def weights(call: AttentionCall) -> torch.Tensor:
     k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # query head h reads key head h // group
 
     n_q, n_k = q.shape[-2], k.shape[-2]
-    allowed, bias = split_mask(call.attn_mask, call.causal_offset, n_q, n_k, q.device, compute_dtype)
+    allowed, bias = split_mask(call.attn_mask, call.causal_offset, n_q, n_k, q.device, compute_dtype,
+                               call.window_offset)
     scores = q @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
     if call.length_scale is not None:
         scores = scores * length_factor(call.length_scale, allowed, q.shape[-3], compute_dtype)
@@ -53,15 +54,18 @@ def weights(call: AttentionCall) -> torch.Tensor:
     return call.normalizer.normalize(logits, call.alpha).masked_fill(empty, 0.0)
 
 
-def split_mask(attn_mask, causal_offset, n_q, n_k, device, dtype):
+def split_mask(attn_mask, causal_offset, n_q, n_k, device, dtype, window_offset=None):
     """Returns `allowed` (bool, broadcastable to the scores) and the additive `bias` (or None).
 
     A key is allowed when the causal rule (`j <= i + causal_offset`, none when None; 0 is SDPA's
-    top-left), a boolean mask (True = attend) and a float mask (`float_mask_allows`) all allow it.
+    top-left), the sliding window's left edge (`j >= i + window_offset`, none when None), a
+    boolean mask (True = attend) and a float mask (`float_mask_allows`) all allow it.
     """
     allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
     if causal_offset is not None:
         allowed = allowed.tril(diagonal=causal_offset)
+    if window_offset is not None:
+        allowed = allowed.triu(diagonal=window_offset)
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

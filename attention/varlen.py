@@ -24,6 +24,7 @@ def varlen_attention(
     normalizer: str = "softmax",
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Attention over a batch of documents packed along one axis, each attending only to itself.
@@ -70,8 +71,10 @@ def varlen_attention(
             inside custom ops, its gradients first-order only), and wrong offsets or hints below
             the true maximum give wrong results. Without both, the offsets are read and checked
             (one sync), and a hint below the true maximum raises ``ValueError``.
-        is_causal, causal_offset, scale, normalizer, alpha, length_scale: as
-            :func:`longattn.scaled_dot_product_attention`, per document.
+        is_causal, causal_offset, scale, normalizer, alpha, length_scale, window_size: as
+            :func:`longattn.scaled_dot_product_attention`, per document (the window centred on
+            the document's causal diagonal: bottom-right with ``causal_offset="bottom_right"``,
+            top-left otherwise).
         backend: as :func:`longattn.scaled_dot_product_attention`. ``"triton"`` covers every
             normalizer in float16, bfloat16 and float32; ``"flash"`` softmax and SSMax in 16 bits
             (an int ``causal_offset`` only where every document is known to have as many
@@ -103,6 +106,7 @@ def varlen_attention(
         query, key, value, normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
         length_scale=checks.check_length_scale(length_scale, query.shape[1], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, docs=docs,
+        window=checks.check_window(window_size),
     )
     return dispatch.run(call, checks.check_backend(backend))
 

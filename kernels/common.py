@@ -86,6 +86,21 @@ def length_scale_vector(length_scale, num_heads: int, device) -> torch.Tensor | 
     return s.expand(num_heads).contiguous()
 
 
+def window_bounds(causal_offset: int | None, window: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    """`(causal_offset, window_offset)`: the causal rule `j <= i + causal_offset` with a window's
+    right edge folded in, and the window's left edge `j >= i + window_offset` (None: none). The
+    window is centred on the causal diagonal `i + causal_offset`, or on `i` (top-left) without
+    one; its right edge bounds only what the causal rule would not."""
+    if window is None:
+        return causal_offset, None
+    left, right = window
+    centre = 0 if causal_offset is None else causal_offset
+    window_offset = None if left < 0 else centre - left
+    if right >= 0:
+        causal_offset = centre + right if causal_offset is None else min(causal_offset, centre + right)
+    return causal_offset, window_offset
+
+
 def causal_args(causal_offset: int | None, Nq: int, Nk: int,
                 from_end: bool = False) -> tuple[bool, int, bool]:
     """`(IS_CAUSAL, offset, CAUSAL_FROM_END)`. Without the mask every row sees every key, as with
@@ -94,7 +109,24 @@ def causal_args(causal_offset: int | None, Nq: int, Nk: int,
     from each document's bottom-right corner (the kernels add its `Nk - Nq`); it needs the mask."""
     if causal_offset is None:
         return False, Nk, False
-    return True, max(-Nq, min(int(causal_offset), Nk)), from_end
+    return True, _clamp_offset(causal_offset, Nq, Nk, from_end), from_end
+
+
+def window_args(window_offset: int | None, Nq: int, Nk: int, from_end: bool = False) -> tuple[bool, int]:
+    """`(HAS_WINDOW, offset)` of a sliding window's left edge, key j allowed for row i iff
+    `j >= i + window_offset` (None: no window; the kernels then read no offset), clamped as
+    `causal_args` clamps; `from_end` as there."""
+    if window_offset is None:
+        return False, 0
+    return True, _clamp_offset(window_offset, Nq, Nk, from_end)
+
+
+def _clamp_offset(offset: int, Nq: int, Nk: int, from_end: bool) -> int:
+    """`offset` in `[-Nq, Nk]`, which changes no row. Counted from each document's end, the
+    kernels add `n_k - n_q` to it: `[-Nk, Nq]` (the packed lengths bound every document's) is the
+    range where that changes no row."""
+    low, high = (Nk, Nq) if from_end else (Nq, Nk)
+    return max(-low, min(int(offset), high))
 
 
 def key_lengths(seqused_k: torch.Tensor | None, k: torch.Tensor, varlen: bool) -> torch.Tensor | None:
@@ -178,6 +210,17 @@ def check_inputs(q, k, v, varlen: bool = False) -> None:
         raise ValueError(f"head dims must be at most {MAX_HEAD_DIM}; got D={q.shape[-1]}, Dv={v.shape[-1]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def check_window_size(window_size) -> tuple[int, int] | None:
+    """flash-attn's `(left, right)`, each -1 (unbounded) or >= 0, or None; `(-1, -1)` as None."""
+    if window_size is None:
+        return None
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be None or a pair (left, right) of ints, each -1 (unbounded) or "
+                         f">= 0; got {window_size!r}")
+    return None if tuple(window_size) == (-1, -1) else (window_size[0], window_size[1])
 
 
 def default_scale(q: torch.Tensor, scale: float | None) -> float:

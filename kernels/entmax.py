@@ -54,6 +54,7 @@ from .common import (
     MIN_ALPHA,
     causal_args,
     check_inputs,
+    check_window_size,
     default_scale,
     device_capability,
     dot_precision,
@@ -74,6 +75,8 @@ from .common import (
     varlen_launch_args,
     varlen_no_grads,
     vmap_by_loop,
+    window_args,
+    window_bounds,
 )
 from .entmax_bwd import entmax_attention_bwd_kernel_dkdv, entmax_attention_bwd_kernel_dq
 from .entmax_fwd import entmax_attention_fwd_kernel
@@ -115,14 +118,14 @@ def entmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
     j <= i + causal_offset. `length_scale`: None, a float or a `()` / `(Hq,)` tensor. The Newton
     passes stop at `MAX_NEWTON_STEPS` (read at each call, as is the testing hook `BISECT_ONLY`).
     `seqused_k`: the key lengths, as `softmax_attention_fwd`'s (the tiles past them are never
-    visited and stay unflagged).
+    visited and stay unflagged), and `window_offset`, a sliding window's left edge, likewise.
 
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and, for the backward, `row_max` and `tau`
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
@@ -143,6 +146,7 @@ def entmax_attention_fwd(
     if B * Hq * grid_nq == 0:
         return out, row_max, tau, tile_flags
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
+    has_window, window = window_args(window_offset, Nq, Nk, from_end)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
@@ -161,9 +165,10 @@ def entmax_attention_fwd(
         q, k, v, out, row_max, tau, tile_flags, length_scale_vector(length_scale, Hq, q.device),
         cu_seqlens_q, cu_seqlens_k, seqused_k,
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
-        Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, *flags_shape[1:],
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, window, *flags_shape[1:],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, DOT_PRECISION=dot_precision(q.dtype),
+        IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, HAS_WINDOW=has_window,
+        DOT_PRECISION=dot_precision(q.dtype),
         MAX_STEPS=MAX_NEWTON_STEPS, TOL=NEWTON_TOL, BISECT_ONLY=BISECT_ONLY,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -177,17 +182,19 @@ def entmax_attention_bwd(
     length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
     the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns
     `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the gradient of the `(Hq,)` length scale in
-    fp32 (None without length scaling). Varlen and `seqused_k` as in `entmax_attention_fwd`, the
-    tensors in its packed layouts (the unused keys get gradient 0)."""
+    fp32 (None without length scaling). Varlen, `seqused_k` and `window_offset` as in
+    `entmax_attention_fwd`, the tensors in its packed layouts (the keys outside them get
+    gradient 0)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
+    has_window, window = window_args(window_offset, Nq, Nk, from_end)
     s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     row_max, tau = row_max.float().contiguous(), tau.float().contiguous()
@@ -203,8 +210,9 @@ def entmax_attention_bwd(
     assert (BLOCK_HELD, BLOCK_STREAMED) == _tile_blocks(D, Dv, q.dtype)
     n_blocks = _tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
-              "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
-    scalars = (float(scale), float(alpha), offset)
+              "HAS_WINDOW": has_window, "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps,
+              "num_stages": num_stages}
+    scalars = (float(scale), float(alpha), offset, window)
     qkv_strides = (*strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen))
 
     delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
@@ -263,16 +271,16 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alpha: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-    causal_from_end: bool = False, seqused_k: torch.Tensor | None = None,
+    causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
-                                seqused_k=seqused_k)
+                                seqused_k=seqused_k, window_offset=window_offset)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None, window_offset=None):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     flags = q.new_empty(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k), dtype=torch.int8)
     return (q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32),
@@ -286,17 +294,19 @@ def _bwd_op(
     length_scale: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset,
                                           length_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, causal_from_end, seqused_k=seqused_k)
+                                          max_seqlen_k, causal_from_end, seqused_k=seqused_k,
+                                          window_offset=window_offset)
     return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
+      window_offset=None):
     return fake_gradients(q, k, v, length_scale)
 
 
@@ -311,8 +321,8 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class EntmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd. `seqused_k` (dense mode's key
-    lengths) may be None; the trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k, causal_from_end)`, are given in varlen mode only.
+    lengths) and `window_offset` may be None; the trailing arguments, `(cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only.
     Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
     ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
     only what `setup_context` sees); they are not differentiable, and `entmax_attention` returns
@@ -321,19 +331,20 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, *varlen):
+    def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
         return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen,
-                                                       seqused_k=seqused_k)
+                                                       seqused_k=seqused_k, window_offset=window_offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, *varlen = inputs
+        q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, *varlen = inputs
         _, row_max, tau, tile_flags = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
         ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k,
                               *save_varlen_args(ctx, tuple(varlen)))
-        ctx.scale, ctx.alpha, ctx.causal_offset = scale, alpha, causal_offset
+        ctx.scale, ctx.alpha = scale, alpha
+        ctx.causal_offset, ctx.window_offset = causal_offset, window_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.mark_non_differentiable(row_max, tau, tile_flags)
 
@@ -345,12 +356,13 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         with torch.no_grad():
             dq, dk, dv, ds = torch.ops.longattn.entmax_attention_bwd(
                 dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
-                *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k,
+                *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
             )
         dq, dk, dv, ds = first_order_only("longattn::entmax_attention_bwd", (dq, dk, dv, ds),
                                           (dout, q, k, v, s))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[6])
-        return dq, dk, dv, None, None, None, d_length_scale, None, *varlen_no_grads(ctx, cu_seqlens)
+        return (dq, dk, dv, None, None, None, d_length_scale, None, None,
+                *varlen_no_grads(ctx, cu_seqlens))
 
 
 def _check_alpha(alpha) -> float:
@@ -371,6 +383,7 @@ def entmax_attention(
     causal_offset: int | None = None,
     length_scale: float | torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """alpha-entmax attention (sparsemax at alpha = 2) by the tiled Triton kernels (the Triton
     interpreter on CPU, with `TRITON_INTERPRET=1` set before longattn is imported).
@@ -390,6 +403,7 @@ def entmax_attention(
             `()` / `(Hq,)` tensor that may require grad.
         seqused_k: the key lengths, as `softmax_attention`'s: int32 `(B,)`, batch b attending
             to its first `clamp(seqused_k[b], 0, Nk)` keys only.
+        window_size: a sliding window, as `softmax_attention`'s.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype. A row with no key gives 0 and gradient 0.
@@ -398,8 +412,9 @@ def entmax_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
-                                         seqused_k)[0]
+                                         seqused_k, window_offset)[0]
 
 
 def entmax_varlen_attention(
@@ -416,6 +431,7 @@ def entmax_varlen_attention(
     length_scale: float | torch.Tensor | None = None,
     causal_offset: int | None = None,
     causal_from_end: bool = False,
+    window_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """alpha-entmax attention over packed documents (flash-attn's varlen layout): arguments as
     `softmax_varlen_attention`, plus `alpha` as `entmax_attention`. Returns `(total_q, Hq, Dv)`."""
@@ -423,7 +439,8 @@ def entmax_varlen_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(
-        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None,
+        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None, window_offset,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )[0]

@@ -14,8 +14,10 @@ from .program import (
     allowed_keys,
     head_row,
     key_end,
+    key_start,
     load_tile,
     program_prologue,
+    query_range,
     row_scales,
     sequence_offset,
     store_tile,
@@ -41,13 +43,13 @@ def entmax_attention_bwd_kernel_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
+    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     FLAG_BLOCK_M: tl.constexpr, FLAG_BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
@@ -55,9 +57,9 @@ def entmax_attention_bwd_kernel_dkdv(
     keys) are all clear."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in the row stats: (B, Hq, Nq), or (Hq, total_q) in varlen mode
-    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True,
-        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, _row, done = program_prologue(
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, window_offset,
+        BLOCK_N, True, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,8 +81,7 @@ def entmax_attention_bwd_kernel_dkdv(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # The first query row that sees key j0 = i_n * BLOCK_N is j0 - causal_offset.
-    start_m = tl.maximum(i_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    start_m, end_m = query_range(i_n, Nq, Nk, causal_offset, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     for i_g in range(GROUP):
         i_h = i_h0 + i_g  # a tensor, like the program ids, so .to(tl.int64) applies
         q_h = q + sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm) \
@@ -89,7 +90,7 @@ def entmax_attention_bwd_kernel_dkdv(
             + start_m.to(tl.int64) * stride_dom
         row_h = head_row(i_b, i_h, Hq, stride_rows_h, bos_q, IS_VARLEN)  # row offset into the row stats
         flags_h = tile_flags + (i_b * Hq + i_h).to(tl.int64) * n_qblocks * n_kblocks
-        for m0 in range(start_m, Nq, BLOCK_M):
+        for m0 in range(start_m, end_m, BLOCK_M):
             flag_row = flags_h + (m0 // FLAG_BLOCK_M) * n_kblocks
             tile0 = i_n * (BLOCK_N // FLAG_BLOCK_N)
             alive = tl.load(flag_row + tile0) != 0
@@ -100,13 +101,16 @@ def entmax_attention_bwd_kernel_dkdv(
                 mask_m = rows < Nq
                 b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
                 m_i, t_i = _load_row_stats(row_max + row_h, tau + row_h, rows, mask_m)
-                f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+                f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                                        HAS_LENGTH_SCALE, HAS_WINDOW)
                 # [BN, BM] = [BN, BD] @ [BD, BM]; rows past Nq have tau = +inf, so d = 0
                 x_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) \
                     * (f_scale * (alpha - 1.0))[None, :]
                 d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
                 if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
                     d_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, d_t, 0.0)
+                if HAS_WINDOW:
+                    d_t = tl.where(offs_n[:, None] >= rows[None, :] + window_offset, d_t, 0.0)
                 # Rows the forward found NaN in carry a NaN dO (the launcher's doing), which the
                 # products below spread to dK and dV; their d is 0, so they are tested apart.
                 # The flags cover more rows than this tile, hence the test.
@@ -141,18 +145,18 @@ def entmax_attention_bwd_kernel_dkdv(
 
 @triton.jit
 def _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n, mask_d,
-                mask_dv, Nk, causal_offset, n_end, m_i, t_i, p,
+                mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i, p,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
+                ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij, [BM]. sum_j u_ij v_j is not the output, so
     it takes a key loop of its own."""
     uv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     u_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
             d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
             b_v = load_tile(v + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
@@ -171,22 +175,24 @@ def _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_
 
 @triton.jit
 def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n,
-             mask_d, mask_dv, Nk, causal_offset, n_end, m_i, t_i, p,
+             mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i, p,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             HAS_LENGTH_SCALE: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
+             HAS_LENGTH_SCALE: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr,
+             HAS_WINDOW: tl.constexpr):
     """`sum_j dz_ij k_j` [BM, BD], dz_ij = u_ij (dP_ij - delta_i), and with length scaling
     `sum_j dz_ij q_i.k_j` [BM] (zeros otherwise)."""
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             mask_n = start_n + offs_n < Nk
             b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
             qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
             d = tl.maximum((qk * x_scale[:, None] - m_i[:, None]) - t_i[:, None], 0.0)
-            if IS_CAUSAL or not EVEN_N:
-                allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N)
+            if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
+                allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
+                                       EVEN_N, HAS_WINDOW)
                 d = tl.where(allowed, d, 0.0)
             b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
             dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
@@ -209,21 +215,21 @@ def entmax_attention_bwd_kernel_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
     ds_h, `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic).
     Both passes visit the flagged tiles only: the forward's blocks."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
-        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
+        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -246,21 +252,26 @@ def entmax_attention_bwd_kernel_dq(
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
     m_i, t_i = _load_row_stats(row_max + row, tau + row, offs_m, mask_m)
-    f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+    f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                                   HAS_LENGTH_SCALE, HAS_WINDOW)
     x_scale = f_scale * (alpha - 1.0)
     p = 1.0 / (alpha - 1.0)
+    n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     n_end = key_end(i_m, Nq, Nk, causal_offset, BLOCK_M)
+    if HAS_WINDOW:
+        k += n_start.to(tl.int64) * stride_kn
+        v += n_start.to(tl.int64) * stride_vn
     flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # the forward's blocks
 
     b_delta = _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m,
-                          offs_n, mask_d, mask_dv, Nk, causal_offset, n_end, m_i, t_i, p,
-                          BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                          ALPHA_IS_2, ALPHA_IS_1_5)
+                          offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i,
+                          p, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
+                          ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
     tl.store(delta + row + offs_m, b_delta, mask=mask_m)
     b_dq, b_ds = _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale,
-                          offs_m, offs_n, mask_d, mask_dv, Nk, causal_offset, n_end, m_i, t_i, p,
-                          BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                          HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5)
+                          offs_m, offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end,
+                          m_i, t_i, p, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
+                          HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)

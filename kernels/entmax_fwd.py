@@ -16,6 +16,7 @@ from .common import HEURISTICS
 from .program import (
     allowed_keys,
     key_end,
+    key_start,
     keys_seen,
     load_tile,
     program_prologue,
@@ -33,16 +34,18 @@ ENTMAX_HEURISTICS = {
 
 
 @triton.jit
-def tile_logits(b_q, p_k, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
+def tile_logits(b_q, p_k, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset, window_offset,
                 IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """`[BM, BN]` logits in entmax units of the key tile at `p_k` (keys `offs_n`), masked keys
     at -inf."""
     b_k = load_tile(p_k, offs_n < Nk, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
     # [BM, BN] = [BM, BD] @ [BD, BN]
     x = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * x_scale[:, None]
-    if IS_CAUSAL or not EVEN_N:
-        x = tl.where(allowed_keys(offs_m, offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), x, float("-inf"))
+    if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
+        allowed = allowed_keys(offs_m, offs_n, Nk, causal_offset, window_offset, IS_CAUSAL, EVEN_N,
+                               HAS_WINDOW)
+        x = tl.where(allowed, x, float("-inf"))
     return x
 
 
@@ -74,15 +77,16 @@ def slopes(d, p, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
 
 
 @triton.jit
-def _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset, n_end,
+def _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
+                  window_offset, n_start, n_end,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
-                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The row max, and which rows hold a NaN logit (tl.maximum would pass over it); [BM] each."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     has_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(n_start, n_end, BLOCK_N):
         x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                        IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                        window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
         m_i = tl.maximum(m_i, tl.max(x, 1))
         has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), 1))
         k += BLOCK_N * stride_kn
@@ -90,20 +94,20 @@ def _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk
 
 
 @triton.jit
-def _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset, n_end,
-                 m_i, t, t_left, p, first, block_has_nan,
+def _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
+                 window_offset, n_start, n_end, m_i, t, t_left, p, first, block_has_nan,
                  TOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
+                 ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """`mass = sum_j d^p` and `slope = sum_j d^(p-1)` of `d = [x - m - t]_+`, [BM] each, over the
     flagged tiles (every tile on the `first` pass); each visited tile's flag is rewritten: clear
     when all its weights are zero at `t_left`."""
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(n_start, n_end, BLOCK_N):
         if first | (tl.load(flags + start_n // BLOCK_N) != 0):
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # masked keys: -inf -> 0
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
             mass += tl.sum(u * d, 1)
@@ -145,18 +149,19 @@ def _newton_step(t, lo, hi, mass, slope, active, p, TOL: tl.constexpr, BLOCK_M: 
 
 @triton.jit
 def _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
-                      n_end, m_i, t,
+                      window_offset, n_start, n_end, m_i, t,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                      EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr):
     """alpha = 1.5: on the support S found by the Newton passes, sum_S (x_j - m - tau)^2 = 1 is a
     quadratic; returns its root, the exact tau."""
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     size = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)
             s1 += tl.sum(d, 1)
             s2 += tl.sum(d * d, 1)
@@ -169,19 +174,20 @@ def _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n,
 
 @triton.jit
 def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n, mask_d,
-                 mask_dv, Nk, causal_offset, n_end, m_i, t, p, block_has_nan,
+                 mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t, p, block_has_nan,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr):
     """`acc = sum_j d_j^p v_j` [BM, BDV] and `l = sum_j d_j^p` [BM] over the tiles still flagged,
     clearing the flag of each that holds no weight at the final tau: the flags left for the
     backward mark exactly the tiles with a non-zero weight."""
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # empty rows: t = +inf -> 0
             live = (tl.max(tl.max(d, 1), 0) > 0) | block_has_nan
             if live:
@@ -205,17 +211,18 @@ def entmax_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, n_qblocks, n_kblocks,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_STEPS: tl.constexpr, TOL: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, BISECT_ONLY: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BISECT_ONLY: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
-        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
+        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -235,21 +242,27 @@ def entmax_attention_fwd_kernel(
 
     p_q = q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
-    f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+    f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                            HAS_LENGTH_SCALE, HAS_WINDOW)
     x_scale = f_scale * (alpha - 1.0)  # [BM], logits in entmax units
     p = 1.0 / (alpha - 1.0)  # the weights are d ** p
+    # every pass streams the key tiles [n_start, n_end): the causal rule's and the window's
+    n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     n_end = key_end(i_m, Nq, Nk, causal_offset, BLOCK_M)
+    if HAS_WINDOW:
+        k += n_start.to(tl.int64) * stride_kn
+        v += n_start.to(tl.int64) * stride_vn
     flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # this block's row of flags
 
     m_i, has_nan = _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk,
-                                 causal_offset, n_end, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N, EVEN_D,
-                                 DOT_PRECISION)
+                                 causal_offset, window_offset, n_start, n_end, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                                 EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
     # A row with a NaN logit gives NaN, as the definition does, and so does one whose max is +inf
     # or, with keys to see, -inf: x - max is NaN at the max (inf - inf), which the clamp
     # [.]_+ (a NaN-dropping maximum) would turn into weight 0, so that the row passed for empty.
     # Such a row takes no part in the search, its output, m and tau are stored as NaN, and its
     # block keeps every tile flagged, so that the backward turns its gradients to NaN too.
-    n_seen = keys_seen(offs_m, Nk, causal_offset)
+    n_seen = keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW)
     inf_max = (m_i == float("inf")) | ((m_i == float("-inf")) & (n_seen > 0))
     nan_row = mask_m & ((has_nan > 0) | inf_max)
     block_has_nan = tl.max(nan_row.to(tl.int32), 0) > 0
@@ -276,9 +289,9 @@ def entmax_attention_fwd_kernel(
     n_steps = tl.full([], 0, dtype=tl.int32)
     while (step_max > TOL) & (n_steps < MAX_STEPS):
         mass, slope = _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk,
-                                   causal_offset, n_end, m_i, t, t_left, p, n_steps == 0, block_has_nan,
-                                   TOL, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                                   ALPHA_IS_2, ALPHA_IS_1_5)
+                                   causal_offset, window_offset, n_start, n_end, m_i, t, t_left, p,
+                                   n_steps == 0, block_has_nan, TOL, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N,
+                                   EVEN_D, DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
         tl.debug_barrier()  # this pass's flags are read by other threads of the program in the next
         t, lo, hi, t_left, step_max = _newton_step(t, lo, hi, mass, slope, active, p, TOL, BLOCK_M,
                                                    ALPHA_IS_2, ALPHA_IS_1_5, BISECT_ONLY)
@@ -286,13 +299,13 @@ def entmax_attention_fwd_kernel(
 
     if ALPHA_IS_1_5:
         t = _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk,
-                              causal_offset, n_end, m_i, t, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N, EVEN_D,
-                              DOT_PRECISION)
+                              causal_offset, window_offset, n_start, n_end, m_i, t, BLOCK_M, BLOCK_N,
+                              IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
 
     acc, l_i = _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n,
-                            mask_d, mask_dv, Nk, causal_offset, n_end, m_i, t, p, block_has_nan,
-                            BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                            ALPHA_IS_2, ALPHA_IS_1_5)
+                            mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t, p,
+                            block_has_nan, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D,
+                            DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rounding leaves l a few ulps off 1; empty rows stay 0
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     b_o = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])

@@ -26,8 +26,8 @@ def doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
 
 @triton.jit
 def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROUP, Nq, Nk, causal_offset,
-                     BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr):
+                     window_offset, BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Where the program with ids `(i_blk, i_bh)` works: the one prologue of every kernel.
 
     A query-block program (forward, dQ; `KEY_BLOCKS` false) holds block `i_blk` of the rows of
@@ -36,7 +36,7 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
     and `H = Hkv`; its `i_h` is the group's first query head. In varlen mode the batch index is
     the document (the batch strides are 0).
 
-    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done)`:
+    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done)`:
     - `bos_q`, `bos_k`: the sequence's first query row and key in the packed layout (int64; 0
       when dense), for the base pointers (`sequence_offset`);
     - `Nq`, `Nk`: the sequence's lengths (the document's in varlen mode); with `HAS_KEY_LENGTHS`
@@ -47,6 +47,9 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
       causal mask) the one given counts from the document's bottom-right corner, so the
       document's is `causal_offset + Nk - Nq`, clamped to `[-Nq, Nk]` as the launchers clamp
       (`causal_args`), which changes no row;
+    - `window_offset`: the sliding window's left edge, key j allowed for row i iff
+      `j >= i + window_offset` (with `HAS_WINDOW`), moved to the document's corner as the
+      causal offset is;
     - `row`: head `i_h`'s first row in the per-row statistics (`head_row`);
     - `done`: the block starts past the document's end (the grid spans the longest document; a
       dense grid has no such block but a key block past the used key length), so the program
@@ -68,6 +71,8 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
         Nq, Nk = len_q, len_k
         if CAUSAL_FROM_END:
             causal_offset = tl.maximum(tl.minimum(causal_offset + Nk - Nq, Nk), -Nq)
+            if HAS_WINDOW:
+                window_offset = tl.maximum(tl.minimum(window_offset + Nk - Nq, Nk), -Nq)
     else:
         if HAS_KEY_LENGTHS:  # the launchers zero-fill dK, dV for the key blocks that return here
             Nk = tl.minimum(tl.maximum(tl.load(seqused_k + i_b), 0), Nk)
@@ -77,7 +82,7 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
             row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
         else:
             row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
-    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done
+    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done
 
 
 @triton.jit
@@ -100,21 +105,26 @@ def sequence_offset(i_b, i_h, bos, stride_b, stride_h, stride_n):
 
 
 @triton.jit
-def keys_seen(offs_m, Nk, causal_offset):
-    """n_i, the number of keys each row may see (j < Nk, j <= i + causal_offset), [BM]: 0 tells
-    an empty row from one whose every allowed logit is -inf."""
-    return tl.maximum(tl.minimum(offs_m + causal_offset + 1, Nk), 0)
+def keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW: tl.constexpr):
+    """n_i, the number of keys each row may see (`j < Nk`, `j <= i + causal_offset`, and with a
+    window `j >= i + window_offset`), [BM]: 0 tells an empty row from one whose every allowed
+    logit is -inf."""
+    end = tl.minimum(offs_m + causal_offset + 1, Nk)
+    if HAS_WINDOW:
+        end = end - tl.maximum(offs_m + window_offset, 0)
+    return tl.maximum(end, 0)
 
 
 @triton.jit
-def row_scales(s, i_h, offs_m, Nk, scale, causal_offset,
-               BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr):
+def row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset,
+               BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Per-row logit factor `scale * f_i` (f_i = s_h ln(n_i), or 1) and, for the gradient of s,
     `scale * ln(n_i)`; both [BM]. Rows that see no key use n_i = 1 (they are masked anyway)."""
     f_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
     ln_n = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_LENGTH_SCALE:
-        ln_n = tl.log(tl.maximum(keys_seen(offs_m, Nk, causal_offset), 1).to(tl.float32))
+        n_i = keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW)
+        ln_n = tl.log(tl.maximum(n_i, 1).to(tl.float32))
         f_scale = f_scale * tl.load(s + i_h) * ln_n
     return f_scale, scale * ln_n
 
@@ -127,7 +137,32 @@ def key_end(i_m, Nq, Nk, causal_offset, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def allowed_keys(offs_m, offs_n, Nk, causal_offset, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+def key_start(i_m, Nk, window_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The first key tile any row of query block `i_m` may see (a multiple of BLOCK_N): with a
+    window, the tiles before it are skipped, so a program visits `(BLOCK_M + w) / BLOCK_N`
+    tiles, not `Nk / BLOCK_N`. Past the last key when no row sees any (the loop is then empty)."""
+    start = 0
+    if HAS_WINDOW:
+        start = tl.minimum(tl.maximum(i_m * BLOCK_M + window_offset, 0), Nk) // BLOCK_N * BLOCK_N
+    return start
+
+
+@triton.jit
+def query_range(i_n, Nq, Nk, causal_offset, window_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_WINDOW: tl.constexpr):
+    """`(start, end)`: the query rows that may see a key of key block `i_n`, from a multiple of
+    BLOCK_M (the causal rule: the first row that sees key j0 is `j0 - causal_offset`; the window:
+    the last that sees key j1 is `j1 - window_offset`). The dK/dV programs loop over these only."""
+    start = tl.maximum(i_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    end = Nq
+    if HAS_WINDOW:
+        end = tl.maximum(tl.minimum(tl.minimum((i_n + 1) * BLOCK_N, Nk) - window_offset, Nq), 0)
+    return start, end
+
+
+@triton.jit
+def allowed_keys(offs_m, offs_n, Nk, causal_offset, window_offset, IS_CAUSAL: tl.constexpr,
+                 EVEN_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """[BM, BN] (or [1, BN]) mask of the keys each row may see."""
     if IS_CAUSAL:
         allowed = offs_n[None, :] <= offs_m[:, None] + causal_offset
@@ -135,6 +170,8 @@ def allowed_keys(offs_m, offs_n, Nk, causal_offset, IS_CAUSAL: tl.constexpr, EVE
             allowed = allowed & (offs_n[None, :] < Nk)
     else:
         allowed = offs_n[None, :] < Nk
+    if HAS_WINDOW:
+        allowed = allowed & (offs_n[None, :] >= offs_m[:, None] + window_offset)
     return allowed
 
 

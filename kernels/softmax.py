@@ -41,6 +41,7 @@ from .common import (
     HEURISTICS,
     causal_args,
     check_inputs,
+    check_window_size,
     default_scale,
     dot_precision,
     fake_gradients,
@@ -60,15 +61,19 @@ from .common import (
     varlen_launch_args,
     varlen_no_grads,
     vmap_by_loop,
+    window_args,
+    window_bounds,
 )
 from .common import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: longattn.kernels.softmax.MAX_HEAD_DIM
 from .program import (
     allowed_keys,
     head_row,
     key_end,
+    key_start,
     keys_seen,
     load_tile,
     program_prologue,
+    query_range,
     row_scales,
     sequence_offset,
     store_tile,
@@ -92,17 +97,17 @@ def softmax_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
-        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
+        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -123,21 +128,27 @@ def softmax_attention_fwd_kernel(
 
     p_q = q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
-    f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+    f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                                  HAS_LENGTH_SCALE, HAS_WINDOW)
     row_scale = f_scale * LOG2E  # [BM], logits in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(z - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(0, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
+    n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW:  # the tiles left of the window are never loaded
+        k += n_start.to(tl.int64) * stride_kn
+        v += n_start.to(tl.int64) * stride_vn
+    for start_n in range(n_start, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
         mask_n = start_n + offs_n < Nk
         b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
         b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
         # [BM, BN] = [BM, BD] @ [BD, BN]
         z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        if IS_CAUSAL or not EVEN_N:
-            z = tl.where(allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), z,
-                         float("-inf"))
+        if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
+            allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
+                                   EVEN_N, HAS_WINDOW)
+            z = tl.where(allowed, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         # A row with no allowed key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -156,7 +167,7 @@ def softmax_attention_fwd_kernel(
     # makes l NaN by itself.)
     no_weight = l_i == 0.0
     l_safe = tl.where(no_weight, 1.0, l_i)
-    undefined = no_weight & (keys_seen(offs_m, Nk, causal_offset) > 0)
+    undefined = no_weight & (keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW) > 0)
     b_o = tl.where(undefined[:, None], float("nan"), acc / l_safe[:, None])
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     store_tile(p_o, b_o.to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
@@ -175,8 +186,8 @@ def softmax_attention_bwd_preprocess_kernel(
     """delta_i = sum_d dO_id O_id, the row term of the softmax gradient."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # row-wise, so varlen runs it over the packed rows as one sequence: never IS_VARLEN
-    i_b, i_h, _, bos_q, _, _, _, _, row, _ = program_prologue(
-        i_m, i_bh, None, None, None, Hq, 1, Nq, 0, 0, BLOCK_M, False, False, False, False)
+    i_b, i_h, _, bos_q, _, _, _, _, _, row, _ = program_prologue(
+        i_m, i_bh, None, None, None, Hq, 1, Nq, 0, 0, 0, BLOCK_M, False, False, False, False, False)
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < Nq)[:, None] & (offs_dv < Dv)[None, :]
@@ -209,20 +220,20 @@ def softmax_attention_bwd_kernel_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, causal_offset,
+    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in lse, delta: (B, Hq, Nq), or (Hq, total_q) in varlen mode
-    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, BLOCK_N, True,
-        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, _row, done = program_prologue(
+        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, window_offset,
+        BLOCK_N, True, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -243,8 +254,7 @@ def softmax_attention_bwd_kernel_dkdv(
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # The first query row that sees key j0 = i_n * BLOCK_N is j0 - causal_offset.
-    start_m = tl.maximum(i_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    start_m, end_m = query_range(i_n, Nq, Nk, causal_offset, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     for i_g in range(GROUP):
         i_h = i_h0 + i_g  # a tensor, like the program ids, so .to(tl.int64) applies
         q_h = q + sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm) \
@@ -252,18 +262,21 @@ def softmax_attention_bwd_kernel_dkdv(
         do_h = do + sequence_offset(i_b, i_h, bos_q, stride_dob, stride_doh, stride_dom) \
             + start_m.to(tl.int64) * stride_dom
         row_h = head_row(i_b, i_h, Hq, stride_rows_h, bos_q, IS_VARLEN)  # row offset into lse / delta
-        for m0 in range(start_m, Nq, BLOCK_M):
+        for m0 in range(start_m, end_m, BLOCK_M):
             rows = m0 + offs_m
             mask_m = rows < Nq
             b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
             b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
             b_lse, b_delta = _load_row_stats(lse + row_h, delta + row_h, rows, mask_m)
-            f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+            f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                                    HAS_LENGTH_SCALE, HAS_WINDOW)
             # [BN, BM] = [BN, BD] @ [BD, BM]
             qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
             p_t = tl.exp2(qk_t * (f_scale * LOG2E)[None, :] - b_lse[None, :])
             if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
                 p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+            if HAS_WINDOW:
+                p_t = tl.where(offs_n[:, None] >= rows[None, :] + window_offset, p_t, 0.0)
             # [BN, BDV] += [BN, BM] @ [BM, BDV]
             b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
             # [BN, BM] = [BN, BDV] @ [BDV, BM]
@@ -291,19 +304,19 @@ def softmax_attention_bwd_kernel_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, BLOCK_M, False,
-        IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
+        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
+        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
     if done:
         return
     k += sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn)
@@ -325,19 +338,26 @@ def softmax_attention_bwd_kernel_dq(
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
     b_lse, b_delta = _load_row_stats(lse + row, delta + row, offs_m, mask_m)
-    f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, BLOCK_M, HAS_LENGTH_SCALE)
+    f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                                  HAS_LENGTH_SCALE, HAS_WINDOW)
     row_scale = f_scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
-    for start_n in range(0, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
+    n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW:
+        k += n_start.to(tl.int64) * stride_kn
+        v += n_start.to(tl.int64) * stride_vn
+    for start_n in range(n_start, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
         mask_n = start_n + offs_n < Nk
         b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
         b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
         p = tl.exp2(qk * row_scale[:, None] - b_lse[:, None])
-        if IS_CAUSAL or not EVEN_N:
-            p = tl.where(allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, IS_CAUSAL, EVEN_N), p, 0.0)
+        if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
+            allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
+                                   EVEN_N, HAS_WINDOW)
+            p = tl.where(allowed, p, 0.0)
         dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN] = [BM, BDV] @ [BDV, BN]
         dz = p * (dp - b_delta[:, None])
         b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
@@ -364,7 +384,7 @@ def softmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides.
     `causal_offset`: None (no mask) or key j allowed for row i iff j <= i + causal_offset.
@@ -372,6 +392,9 @@ def softmax_attention_fwd(
     `seqused_k` (dense only): int32 `(B,)`, batch b attending to its first
     `clamp(seqused_k[b], 0, Nk)` keys only, as flash-attn's (the rest have weight 0, are not
     counted in n_i, and their tiles are skipped).
+    `window_offset`: None, or a sliding window's left edge, key j allowed for row i iff
+    `j >= i + window_offset` (its right edge is part of `causal_offset`); the tiles outside it
+    are skipped.
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and the natural-log `lse` (B, Hq, Nq) in fp32.
 
     Varlen, with `cu_seqlens_q`, `cu_seqlens_k` (int32, `(num_docs + 1,)`, checked by the caller)
@@ -389,15 +412,17 @@ def softmax_attention_fwd(
     if B * Hq * grid_nq == 0:
         return out, lse
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
+    has_window, window = window_args(window_offset, Nq, Nk, from_end)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
     softmax_attention_fwd_kernel[grid](
         q, k, v, out, lse, length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
         seqused_k, *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
-        Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, DOT_PRECISION=dot_precision(q.dtype),
+        IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, HAS_WINDOW=has_window,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -409,18 +434,19 @@ def softmax_attention_bwd(
     length_scale=None, dlse: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of `softmax_attention_fwd` from the upstream `do` (and `dlse`, the gradient of
     the lse, if any). `out` and `lse` may come from elsewhere, e.g. merged over key shards: P is
     recomputed as exp(z - lse). Returns `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the
     gradient of the `(Hq,)` length scale in fp32 (None without length scaling). Varlen as in
-    `softmax_attention_fwd`, the tensors in its packed layouts; `seqused_k` as there (the
-    unused keys get gradient 0)."""
+    `softmax_attention_fwd`, the tensors in its packed layouts; `seqused_k` and `window_offset`
+    as there (the keys outside them get gradient 0)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
+    has_window, window = window_args(window_offset, Nq, Nk, from_end)
     s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
@@ -429,7 +455,8 @@ def softmax_attention_bwd(
         max(BLOCK_D, BLOCK_DV), q.dtype, backward=True
     )
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
-              "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps, "num_stages": num_stages}
+              "HAS_WINDOW": has_window, "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps,
+              "num_stages": num_stages}
 
     # delta is row-wise: varlen runs it over the packed rows as one sequence, (1, Hq, total_q).
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -450,7 +477,7 @@ def softmax_attention_bwd(
             q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dk, varlen), *strides(dv, varlen),
-            Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
+            Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
             BLOCK_M=BLOCK_STREAMED, BLOCK_N=BLOCK_HELD, **common,
         )
 
@@ -461,7 +488,7 @@ def softmax_attention_bwd(
             q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dq, varlen),
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset,
+            Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
         )
     return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen)
@@ -477,16 +504,16 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-    causal_from_end: bool = False, seqused_k: torch.Tensor | None = None,
+    causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale,
                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
-                                 seqused_k=seqused_k)
+                                 seqused_k=seqused_k, window_offset=window_offset)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None, window_offset=None):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     return q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32)
 
@@ -498,17 +525,18 @@ def _bwd_op(
     length_scale: torch.Tensor | None, dlse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           causal_from_end, seqused_k=seqused_k)
+                                           causal_from_end, seqused_k=seqused_k, window_offset=window_offset)
     return dq, dk, dv, op_length_scale_grad(q, ds)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
+      window_offset=None):
     return fake_gradients(q, k, v, length_scale)
 
 
@@ -523,26 +551,26 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
-    `seqused_k` (dense mode's key lengths) may be None; the trailing arguments, `(cu_seqlens_q,
-    cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only.
-    Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
-    ops' (`vmap_by_loop`)."""
+    `seqused_k` (dense mode's key lengths) and `window_offset` may be None; the trailing
+    arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are
+    given in varlen mode only. Forward and `setup_context` apart, as torch.func needs; its vmap
+    rule is generated from the ops' (`vmap_by_loop`)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, causal_offset, length_scale, seqused_k, *varlen):
+    def forward(q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
         return torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen,
-                                                        seqused_k=seqused_k)
+                                                        seqused_k=seqused_k, window_offset=window_offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, causal_offset, length_scale, seqused_k, *varlen = inputs
+        q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, *varlen = inputs
         out, lse = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
         ctx.save_for_backward(q, k, v, out, lse, s, seqused_k, *save_varlen_args(ctx, tuple(varlen)))
-        ctx.scale, ctx.causal_offset = scale, causal_offset
+        ctx.scale, ctx.causal_offset, ctx.window_offset = scale, causal_offset, window_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.set_materialize_grads(False)  # so an unused lse costs nothing in the backward
 
@@ -556,12 +584,12 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
         with torch.no_grad():
             dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
                 dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
-                *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k,
+                *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
             )
         dq, dk, dv, ds = first_order_only("longattn::softmax_attention_bwd", (dq, dk, dv, ds),
                                           (dout, dlse, q, k, v, out, lse, s))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[5])
-        return dq, dk, dv, None, None, d_length_scale, None, *varlen_no_grads(ctx, cu_seqlens)
+        return dq, dk, dv, None, None, d_length_scale, None, None, *varlen_no_grads(ctx, cu_seqlens)
 
 
 def softmax_attention(
@@ -574,6 +602,7 @@ def softmax_attention(
     length_scale: float | torch.Tensor | None = None,
     return_lse: bool = False,
     seqused_k: torch.Tensor | None = None,
+    window_size: tuple[int, int] | None = None,
 ):
     """Softmax attention by the tiled Triton kernels (the Triton interpreter on CPU, with
     `TRITON_INTERPRET=1` set before longattn is imported).
@@ -595,6 +624,9 @@ def softmax_attention(
             attending to its first `clamp(seqused_k[b], 0, Nk)` keys only (the rest get weight
             0 and gradient 0 and are not counted in `n_i`); read in the kernels, never on the
             host. Combines with the causal mask, keys still counted from the tensor's start.
+        window_size: a sliding window, flash-attn's `(left, right)`: keys
+            `i + c - left <= j <= i + c + right`, `c` the causal offset (0 without one), -1 for
+            a side without bound. Only the key tiles inside it are visited.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype (and the lse). A row with no key gives 0 (lse -inf) and
@@ -604,7 +636,9 @@ def softmax_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
-    out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k)
+    causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
+    out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k,
+                                              window_offset)
     return (out, lse) if return_lse else out
 
 
@@ -622,6 +656,7 @@ def softmax_varlen_attention(
     return_lse: bool = False,
     causal_offset: int | None = None,
     causal_from_end: bool = False,
+    window_size: tuple[int, int] | None = None,
 ):
     """Softmax attention over packed documents (flash-attn's varlen layout) by the same kernels.
 
@@ -640,6 +675,8 @@ def softmax_varlen_attention(
         causal_from_end: with a causal mask, the offset counts from each document's bottom-right
             corner instead, `j <= i + causal_offset + n_k - n_q` (`is_causal=True,
             causal_from_end=True` is flash-attn's varlen causal mask).
+        window_size: as `softmax_attention`, per document, around its causal diagonal (from
+            its bottom-right corner with `causal_from_end`).
 
     Returns:
         `(total_q, Hq, Dv)` in q's dtype (and the lse). Document d's queries see document d's
@@ -649,8 +686,9 @@ def softmax_varlen_attention(
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     out, lse = SoftmaxAttentionFunction.apply(
-        q, k, v, scale, causal_offset, length_scale, None,
+        q, k, v, scale, causal_offset, length_scale, None, window_offset,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )
     return (out, lse) if return_lse else out

@@ -39,6 +39,7 @@ class TransformerConfig:
     alpha: float = 1.5           # entmax's alpha
     length_scale: float | None = None  # initial s of length scaling (None: none; 1.0 for ssmax)
     learn_length_scale: bool = True    # s is a per-head Parameter
+    sliding_window: int | None = None  # each position sees itself and the w - 1 before (Mistral's)
     backend: str = "auto"        # longattn backend: "auto", "reference", "torch", "triton", "flash"
 
     def __post_init__(self):
@@ -53,6 +54,10 @@ class TransformerConfig:
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         checks.check_choice("positional", self.positional, POSITIONAL)
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
+                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be None or a positive int; got {self.sliding_window!r}")
         if self.positional in ("rope", "partial_rope") and self.d_model // self.n_head % 2:
             raise ValueError(f"RoPE needs an even head dim; got {self.d_model // self.n_head}")
         if not 0.0 < self.rope_fraction <= 1.0:
@@ -207,14 +212,15 @@ class Attention(nn.Module):
         # so SSMax's n_i is the same whether the prefix came from the cache or not.
         gqa = self.n_head != self.n_kv_head
         offset = n_keys - x.shape[1]
-        y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=offset)
+        window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+        y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=offset, window_size=window)
         weights = None
         if rows is not None:
-            weights = self.weights_of_rows(q, k, bias, offset, [r - start for r in rows])
+            weights = self.weights_of_rows(q, k, bias, offset, [r - start for r in rows], window)
         return self.out_proj(rearrange(y, "b h t d -> b t (h d)")), weights
 
     @torch.no_grad()
-    def weights_of_rows(self, q, k, bias, offset: int, rows: list[int]) -> torch.Tensor:
+    def weights_of_rows(self, q, k, bias, offset: int, rows: list[int], window=None) -> torch.Tensor:
         """Attention weights of query rows `rows` (indices into `q`), (B, Hq, len(rows), Nk),
         computed in float64."""
         a = self.attend
@@ -222,7 +228,7 @@ class Attention(nn.Module):
             attention_weights(
                 q[:, :, r:r + 1].double(), k.double(), None if bias is None else bias[:, r:r + 1].double(),
                 enable_gqa=self.n_head != self.n_kv_head, causal_offset=offset + r, normalizer=a.normalizer,
-                alpha=a.alpha, length_scale=a.length_scale,
+                alpha=a.alpha, length_scale=a.length_scale, window_size=window,
             )
             for r in rows
         ]

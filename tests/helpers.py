@@ -17,6 +17,22 @@ def allowed_keys(n_q: int, n_k: int, causal_offset: int | None) -> torch.Tensor:
     return torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + causal_offset
 
 
+def window_keys(n_q: int, n_k: int, window: tuple[int, int],
+                causal_offset: int | None = None) -> torch.Tensor:
+    """`(n_q, n_k)` bool: flash-attn's sliding window `(left, right)` around the diagonal
+    `i + c`, `c` the causal offset (0 without one), `i + c - left <= j <= i + c + right` (-1:
+    that side unbounded), and the causal rule `j <= i + c` where there is one."""
+    left, right = window
+    c = 0 if causal_offset is None else causal_offset
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    allowed = allowed_keys(n_q, n_k, causal_offset)
+    if left >= 0:
+        allowed = allowed & (j >= i + c - left)
+    if right >= 0:
+        allowed = allowed & (j <= i + c + right)
+    return allowed
+
+
 def leaves(args, dtype=None):
     """Fresh CPU leaves holding the same values (in `dtype` if given): the oracle gets float64
     ones, so its gradients are not rounded to the inputs' dtype. Non-tensors pass through."""

@@ -12,7 +12,8 @@ built. Both modes are built: dense `(B, H, N, D)` launches (`_cases`) and varlen
 `cu_seqlens_k`, so IS_VARLEN is set and EVEN_M / EVEN_N are not), whose per-document bounds
 cost registers of their own and which get some launch choices of their own, and dense ones with
 key lengths (`_key_length_cases`: `seqused_k`, so HAS_KEY_LENGTHS is set, EVEN_N is not, and
-each program reads its batch's key bound). Each recorded
+each program reads its batch's key bound), and sliding windows (`_window_cases`: HAS_WINDOW,
+whose loops start at the window's first tile and whose masks test a second bound). Each recorded
 argument is specialised as Triton's JIT does at a real launch (see `_specialise`), then
 compiled by `triton.compile` in worker processes that import the kernels with
 TRITON_INTERPRET=0 (the interpreter's kernels cannot be compiled) and a fresh cache.
@@ -251,12 +252,24 @@ def _key_length_cases():
         yield "entmax", d, LENGTHS["even"], False, False, 2.0, ["bf16"]
 
 
-def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False):
+def _window_cases():
+    """The same tuples for runs with a sliding window of 256 keys: dense softmax and entmax at
+    alpha 1.25 (the pow), causal and length-scaled, uneven; and varlen entmax with the window
+    counted from each document's end (the most bounds alive at once)."""
+    for d in HEAD_DIMS:
+        yield "softmax", d, LENGTHS["uneven"], True, True, None, ["fp16"]
+        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
+        yield "entmax", d, DOCUMENTS, True, True, 1.25, ["bf16"]
+
+
+def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, window=False):
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
     runtime value rather than the constexpr 1 that Hq == Hkv gives. `n` is a length (dense
     `(1, H, n, d)` inputs) or a tuple of document lengths (varlen: packed `(total, H, d)` inputs,
-    cu_seqlens the same for queries and keys). `key_lengths`: dense, with `seqused_k`."""
+    cu_seqlens the same for queries and keys). `key_lengths`: dense, with `seqused_k`. `window`:
+    a sliding window's left edge 256 keys back (varlen: counted from each document's end)."""
     module = _module(family)
+    extra = {"window_offset": -256} if window else {}
 
     def call():
         varlen = ()
@@ -266,7 +279,7 @@ def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False):
             cu = torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
             q = torch.zeros(total, 2, d, dtype=torch.float16)
             kv = torch.zeros(total, 1, d, dtype=torch.float16)
-            varlen = (cu, cu, max(n), max(n))
+            varlen = (cu, cu, max(n), max(n), window)  # causal_from_end with the window
         else:
             q = torch.zeros(1, 2, n, d, dtype=torch.float16)
             kv = torch.zeros(1, 1, n, d, dtype=torch.float16)
@@ -274,14 +287,14 @@ def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False):
         offset = 0 if causal else None
         if family == "softmax":
             out, lse = module.softmax_attention_fwd(q, kv, kv, d ** -0.5, offset, s, *varlen,
-                                                    seqused_k=seqused_k)
+                                                    seqused_k=seqused_k, **extra)
             module.softmax_attention_bwd(out, q, kv, kv, out, lse, d ** -0.5, offset, s, None, *varlen,
-                                         seqused_k=seqused_k)
+                                         seqused_k=seqused_k, **extra)
         else:
             out, row_max, tau, flags = module.entmax_attention_fwd(q, kv, kv, d ** -0.5, alpha, offset, s,
-                                                                   *varlen, seqused_k=seqused_k)
+                                                                   *varlen, seqused_k=seqused_k, **extra)
             module.entmax_attention_bwd(out, q, kv, kv, row_max, tau, flags, d ** -0.5, alpha, offset, s,
-                                        *varlen, seqused_k=seqused_k)
+                                        *varlen, seqused_k=seqused_k, **extra)
     return call
 
 
@@ -296,10 +309,11 @@ def builds(tmp_path_factory):
         pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
     launches = []
     for sm in SHARED_LIMIT:
-        runs = [(case, False) for case in (*_cases(), *_varlen_cases())]
-        runs += [(case, True) for case in _key_length_cases()]
-        for (family, d, n, causal, scaled, alpha, dtype_names), key_lengths in runs:
-            call = _launcher_call(family, d, n, causal, scaled, alpha, key_lengths)
+        runs = [(case, {}) for case in (*_cases(), *_varlen_cases())]
+        runs += [(case, {"key_lengths": True}) for case in _key_length_cases()]
+        runs += [(case, {"window": True}) for case in _window_cases()]
+        for (family, d, n, causal, scaled, alpha, dtype_names), switches in runs:
+            call = _launcher_call(family, d, n, causal, scaled, alpha, **switches)
             launches += [(family, *b, sm) for b in record_launches(_module(family), call, dtype_names, sm)]
     unique = {}
     for family, name, bound, options, sm in launches:  # e.g. softmax's preprocess ignores causal, scaling

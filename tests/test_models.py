@@ -60,6 +60,31 @@ def test_forward_equal_on_triton_backend():
     assert relative_error(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("normalizer, alpha, length_scale", ATTENTION)
+def test_sliding_window_layers(normalizer, alpha, length_scale):
+    """`sliding_window=w`: each position sees itself and the w - 1 before it, equal across
+    backends and with a KV cache, and different from full attention."""
+    idx = torch.randint(0, 41, (2, 17))
+    model = make_model(normalizer, alpha, length_scale, sliding_window=4)
+    ref = make_model(normalizer, alpha, length_scale, backend="reference", sliding_window=4)(idx)
+    full = model(idx)
+    assert relative_error(full, ref) < 1e-12
+    assert relative_error(full, make_model(normalizer, alpha, length_scale)(idx)) > 1e-3
+    cache = model.new_cache()
+    steps = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, 17)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+
+
+def test_sliding_window_on_triton_backend():
+    """The window reaches the kernels as a window, not a mask (they take none)."""
+    device = "cpu" if INTERPRET else "cuda"
+    idx = torch.randint(0, 41, (1, 21), device=device)
+    for normalizer, alpha, length_scale in (("ssmax", 1.5, 0.7), ("entmax", 1.3, 0.6)):
+        ref = make_model(normalizer, alpha, length_scale, backend="reference", sliding_window=6).float()
+        out = make_model(normalizer, alpha, length_scale, backend="triton", sliding_window=6).float()
+        assert relative_error(out.to(device)(idx), ref.to(device)(idx)) < 1e-5
+
+
 @pytest.mark.parametrize("positional", POSITIONAL)
 @pytest.mark.parametrize("normalizer, alpha, length_scale", ATTENTION)
 def test_kv_cache_equals_full_forward(normalizer, alpha, length_scale, positional):
@@ -136,6 +161,7 @@ def test_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("d_model", 30), ("n_kv_head", 3), ("positional", "sinusoid"), ("normalizer", "relu"),
     ("alpha", 2.5), ("backend", "cuda"), ("rope_fraction", 0.0), ("length_scale", -1.0), ("vocab_size", 0),
+    ("sliding_window", 0), ("sliding_window", 2.5),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

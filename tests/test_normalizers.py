@@ -134,11 +134,14 @@ def _docstring_attention():
 
 # (B, Hq, Hkv, Nq, Nk, D, Dv, mask kind, is_causal, causal_offset, length scale, key lengths)
 DOC_CASES = [
-    (2, 2, 2, 7, 9, 8, 5, None, False, None, None, None),
-    (1, 4, 2, 9, 9, 8, 8, "neginf", True, None, "tensor", None),  # GQA, causal with a -inf float mask
-    (2, 2, 1, 6, 11, 4, 4, "bool", False, 5, 0.6, None),  # bottom-right causal offset, fully masked rows
-    (1, 2, 2, 8, 5, 8, 3, "float", False, -2, None, None),  # rows before the first key
-    (3, 4, 2, 7, 9, 8, 5, "float", False, 3, "tensor", [0, 4, 9]),  # per-batch key lengths
+    (2, 2, 2, 7, 9, 8, 5, None, False, None, None, None, None),
+    (1, 4, 2, 9, 9, 8, 8, "neginf", True, None, "tensor", None, None),  # GQA, causal with a -inf float mask
+    (2, 2, 1, 6, 11, 4, 4, "bool", False, 5, 0.6, None, None),  # bottom-right offset, fully masked rows
+    (1, 2, 2, 8, 5, 8, 3, "float", False, -2, None, None, None),  # rows before the first key
+    (3, 4, 2, 7, 9, 8, 5, "float", False, 3, "tensor", [0, 4, 9], None),  # per-batch key lengths
+    (2, 2, 2, 9, 12, 8, 5, "float", True, None, 0.8, None, (3, 0)),  # a causal sliding window
+    (1, 4, 2, 9, 7, 8, 5, None, False, 2, None, [5], (1, 2)),  # a window around a shifted diagonal
+    (2, 2, 2, 9, 9, 8, 5, "bool", False, None, "tensor", None, (2, 4)),  # a two-sided window, not causal
 ]
 
 
@@ -146,7 +149,7 @@ DOC_CASES = [
 @pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: case_id(*c[:7], causal=c[8], mask=c[7]))
 def test_docstring_code_is_the_reference(normalizer, alpha, case):
     """The docstring's equivalent code equals the reference backend in float64, to 1e-10."""
-    B, Hq, Hkv, Nq, Nk, D, Dv, mask_kind, is_causal, offset, s, lengths = case
+    B, Hq, Hkv, Nq, Nk, D, Dv, mask_kind, is_causal, offset, s, lengths, window = case
     q = 2 * torch.randn(B, Hq, Nq, D, dtype=torch.float64)
     k, v = torch.randn(B, Hkv, Nk, D, dtype=torch.float64), torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
     mask = make_mask(mask_kind, (B, 1, Nq, Nk))
@@ -156,7 +159,8 @@ def test_docstring_code_is_the_reference(normalizer, alpha, case):
             mask[:, :, 2, ::2] = torch.finfo(mask.dtype).min
     s = 0.3 + torch.rand(Hq, dtype=torch.float64) if s == "tensor" else s
     kwargs = dict(attn_mask=mask, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s,
-                  causal_offset=offset, seqused_k=None if lengths is None else torch.tensor(lengths))
+                  causal_offset=offset, seqused_k=None if lengths is None else torch.tensor(lengths),
+                  window_size=window)
     got = _docstring_attention()(q, k, v, **kwargs)
     ref = longattn.scaled_dot_product_attention(q, k, v, **kwargs, enable_gqa=Hq != Hkv, backend="reference")
     assert got.isfinite().all()

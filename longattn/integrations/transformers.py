@@ -19,10 +19,12 @@ What transformers hands an attention function, and what this one does with it:
   SDPA sees: causal only with no mask and more than one query, top-left, and the keys past the
   queries dropped (they are an empty static cache's slots).
 - `cu_seq_lens_q/k`, `max_length_q/k` (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`):
-  `longattn.varlen_attention`, each document alone, causal bottom-right within it. Where varlen
-  cannot serve (dropout, or a sliding window shorter than a document), the same documents run
-  through a block-diagonal mask instead. Packed `position_ids` alone get the block-diagonal mask
-  transformers builds, as with SDPA.
+  `longattn.varlen_attention`, each document alone, causal bottom-right within it, a layer's
+  sliding window of `w` as `window_size=(w - 1, 0)`. Where varlen cannot serve (dropout), the
+  same documents run through a block-diagonal mask instead. Packed `position_ids` alone get the
+  block-diagonal mask transformers builds, as with SDPA.
+- `sliding_window` with no mask (transformers skipped it: causal prefill, decoding) becomes the
+  same `window_size`, so it reaches the kernels without a dense mask.
 - Grouped-query heads go as they are (`enable_gqa`): K and V are never repeated.
 - `softcap`, attention sinks (`s_aux`) and `position_bias` change the logits in ways longattn does
   not (yet): they raise rather than run a different model. `output_attentions=True` warns and
@@ -123,11 +125,17 @@ def _dense(query, key, value, attention_mask, causal, window, dropout, options):
         # transformers skips the mask of a causal call with more keys than queries only when
         # prefilling an empty static cache: the keys past the queries are its empty slots.
         key, value = key[:, :, :n_q], value[:, :, :n_q]
-    elif attention_mask is None and window is not None and n_k > window:
-        raise ValueError(f"a sliding window of {window} over {n_k} keys needs the mask transformers builds "
-                         "for it; got attention_mask=None")
+        n_k = n_q
+    window_args = {}
+    if attention_mask is None and window is not None and n_k > window:
+        if not (causal or n_q == 1):
+            raise ValueError(f"a bidirectional sliding window of {window} over {n_k} keys needs the mask "
+                             "transformers builds for it; got attention_mask=None")
+        # transformers' window of w: the query's own key and the w - 1 before it, the query
+        # being the last position (decoding) or the keys' own (causal prefill, n_k = n_q)
+        window_args = {"causal_offset": "bottom_right", "window_size": (window - 1, 0)}
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                       is_causal=causal, enable_gqa=True, **options)
+                                       is_causal=causal, enable_gqa=True, **window_args, **options)
     return out.transpose(1, 2).contiguous()
 
 
@@ -142,24 +150,19 @@ def _packed(query, key, value, kwargs, causal, window, dropout, options):
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if window is not None and not causal:
         raise ValueError("a sliding window over packed documents is supported with causal attention only")
-    if dropout > 0 or (window is not None and _longest(cu_k, max_k) > window):
+    if dropout > 0:
         out = _packed_through_mask(q, k, v, cu_q, cu_k, causal, window, dropout, options)
     else:
-        out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k,
-                               causal_offset="bottom_right" if causal else None, **options)
+        window_size = None if window is None else (window - 1, 0)  # w keys, the query's own last
+        offset = "bottom_right" if causal else None
+        out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal_offset=offset,
+                               window_size=window_size, **options)
     return out.view(batch, n_q, h_q, -1)
-
-
-def _longest(cu_seqlens: torch.Tensor, max_length) -> int:
-    """The longest document (a host sync when transformers did not pass it)."""
-    if max_length is None:
-        return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
-    return int(max_length)
 
 
 def _packed_through_mask(q, k, v, cu_q, cu_k, causal, window, dropout, options):
     """Packed documents as one dense call with a block-diagonal mask: what varlen cannot serve yet
-    (dropout, sliding windows). Causal bottom-right within each document, as varlen's; a window
+    (dropout). Causal bottom-right within each document, as varlen's; a window
     of `w` keeps the `w` keys up to the query's own position. Builds a `total x total` mask."""
     doc_q, pos_q = _documents(cu_q, q.shape[0])
     doc_k, pos_k = _documents(cu_k, k.shape[0])
