@@ -216,3 +216,25 @@ def test_backend_triton_serves_windows():
                                                      attn_mask=window_keys(40, 40, (7, 0), 0),
                                                      normalizer=normalizer, backend="reference")
         torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["softmax", "entmax"])
+def test_window_counted_from_the_end_of_a_document_with_few_queries(family):
+    """4 queries continuing 76 cached keys, a window of 31: its left edge, 30 keys before each
+    query's own, lies far below `-total_q`, where a clamp to the query count would have moved
+    it (the launchers clamp offsets counted from the end to `[-Nk, Nq]`)."""
+    cu_q = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 80], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(4, 2, 16, device=DEVICE)
+    k, v = torch.randn(2, 80, 2, 16, device=DEVICE)
+    args = dict(max_seqlen_q=4, max_seqlen_k=80, is_causal=True, causal_from_end=True, window_size=(30, -1))
+    if family == "softmax":
+        from longattn.kernels.softmax import softmax_varlen_attention
+        out, normalizer = softmax_varlen_attention(q, k, v, cu_q, cu_k, **args), "softmax"
+    else:
+        from longattn.kernels.entmax import entmax_varlen_attention
+        out, normalizer = entmax_varlen_attention(q, k, v, cu_q, cu_k, alpha=1.5, **args), "entmax"
+    qd, kd, vd = (t.cpu().double().transpose(0, 1)[None] for t in (q, k, v))
+    ref = longattn.scaled_dot_product_attention(qd, kd, vd, attn_mask=window_keys(4, 80, (30, -1), 76),
+                                                normalizer=normalizer, backend="reference")
+    torch.testing.assert_close(out.cpu().double(), ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
