@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,9 @@ class Backend:
     # One implementation for every normalizer (the reference's, which needs only the normalizer's
     # row function); None: each normalizer record names its own in `paths`.
     run: Callable[[AttentionCall], torch.Tensor] | None = None
+    # What it takes of each keyword in `FEATURES`: "yes", "no" or the condition, for the README's
+    # table; `verify` is what decides (tests/test_dispatch.py holds the two together).
+    features: dict[str, str] = field(default_factory=dict)
 
     def allowed_by_auto(self, call: AttentionCall) -> bool:
         return self.auto_devices is None or call.query.device.type in self.auto_devices
@@ -90,6 +93,10 @@ def _flash_limits(call: AttentionCall) -> str:
         return "seqused_k is not supported by flash-attn's dense interface"
     if call.dropout_p > 0 and not FLASH_ATTN_2:
         return "dropout_p > 0 needs flash-attn 2 (FlashAttention 3's interface has no dropout)"
+    if call.sink is not None:
+        return "sink is not supported by flash-attn 2's or 3's interface (backend='triton' takes it)"
+    if call.alibi_slopes is not None and not FLASH_ATTN_2:
+        return "alibi_slopes needs flash-attn 2 (FlashAttention 3's interface has no ALiBi)"
     d, dv = call.head_dims
     if d != dv or d > FLASH_MAX_HEAD_DIM:
         return f"flash-attn needs one head dim of at most {FLASH_MAX_HEAD_DIM} for q, k and v; got {d}, {dv}"
@@ -101,10 +108,11 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
     document, its own lengths); a window `(l, r)` allows `i + Nk - Nq - l <= j <= i + Nk - Nq + r`
     (-1: unbounded). So `causal_offset` and `window_offset` map to `(causal, window)` when the
     first is at least `Nk - Nq` and the second at most (0 when packed and counted from each
-    document's end, or where every document has as many queries as keys). Returns that, and ""
-    or the reason it does not map."""
+    document's end, or where every document has as many queries as keys). Its ALiBi counts
+    distances from that diagonal too, so `alibi_offset` must be it. Returns `(causal, window)`,
+    and "" or the reason it does not map."""
     offset, window_offset = call.causal_offset, call.window_offset
-    if offset is None and window_offset is None:
+    if offset is None and window_offset is None and call.alibi_slopes is None:
         return (False, (-1, -1)), ""
     docs = call.docs
     if docs is None:
@@ -121,6 +129,9 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
     if offset is not None and offset < bottom_right:
         return (False, (-1, -1)), (f"flash-attn aligns causal masks bottom-right: causal_offset must be at "
                                    f"least {least}; got {offset}")
+    if call.alibi_slopes is not None and call.alibi_offset != bottom_right:
+        return (False, (-1, -1)), (f"flash-attn's ALiBi counts distances from the bottom-right diagonal, "
+                                   f"{least}; this call's count from i + {call.alibi_offset}")
     if window_offset is not None and window_offset > bottom_right:
         return (False, (-1, -1)), (f"flash-attn's sliding window reaches left from the bottom-right "
                                    f"diagonal: its left edge, key i + {window_offset}, must not lie right "
@@ -132,22 +143,34 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
     return (False, (left, right)), ""
 
 
+# The keywords beyond SDPA's causal flag whose support differs between backends, in the order the
+# README's table lists them.
+FEATURES = ("causal_offset", "window_size", "seqused_k", "attn_mask", "dropout_p", "softcap", "alibi_slopes",
+            "sink", "float64")
+_ALL = dict.fromkeys(FEATURES, "yes")
+
 REFERENCE = Backend(
     "reference", "`attention/reference.py`: the materialising definition, the oracle of the tests",
     "the `B x H x Nq x Nk` scores", _anything, packed=False, auto_devices=(), run=reference.attention,
+    features=_ALL,
 )
 TORCH = Backend(
     "torch", "`attention/chunked.py`: torch's fused SDPA for softmax, blocks of query rows for the sparse "
     "normalizers, each row's threshold by Newton's method", "one block of about 4 MiB, plus O(N)", _anything,
-    packed=False, auto_devices=None,
+    packed=False, auto_devices=None, features=_ALL,
 )
 TRITON = Backend(
     "triton", "`kernels/`: tiled Triton kernels, forward and backward (the Triton interpreter on CPU)",
     "O(N)", _triton_limits, packed=True, auto_devices=("cuda",), key_lengths=True,
+    features={**_ALL, "attn_mask": "no", "dropout_p": "no", "float64": "no"},
 )
 FLASH = Backend(
     "flash", "flash-attn (FlashAttention 2, or 3's interface where present), when installed", "O(N)",
     _flash_limits, packed=True, auto_devices=("cuda",),
+    features={**_ALL, "causal_offset": "at least `Nk - Nq`",
+              "window_size": "left edge at or left of `i + Nk - Nq`",
+              "seqused_k": "no", "attn_mask": "no", "dropout_p": "FlashAttention 2",
+              "alibi_slopes": "FlashAttention 2, from `i + Nk - Nq`", "sink": "no", "float64": "no"},
 )
 
 BACKENDS = {b.name: b for b in (REFERENCE, TORCH, TRITON, FLASH)}
@@ -161,40 +184,30 @@ AUTO_ORDER = (FLASH, TRITON, TORCH)
 
 
 def triton_softmax(call: AttentionCall) -> torch.Tensor:
-    from ..kernels.softmax import softmax_attention, softmax_varlen_attention
+    from ..kernels.softmax import SoftmaxAttentionFunction
 
-    q, k, v = call.query, call.key, call.value
-    if call.docs is None:
-        return softmax_attention(q, k, v, scale=call.scale, causal_offset=call.causal_offset,
-                                 length_scale=call.length_scale, seqused_k=call.seqused_k,
-                                 window_size=_window_size(call))
-    return softmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale,
-                                    causal_offset=call.causal_offset, length_scale=call.length_scale,
-                                    causal_from_end=call.docs.causal_from_end, window_size=_window_size(call))
+    out, _ = SoftmaxAttentionFunction.apply(*_triton_args(call, call.scale))
+    return out
 
 
 def triton_entmax(call: AttentionCall) -> torch.Tensor:
-    from ..kernels.entmax import entmax_attention, entmax_varlen_attention
+    from ..kernels.entmax import EntmaxAttentionFunction
+
+    return EntmaxAttentionFunction.apply(*_triton_args(call, call.scale, call.alpha))[0]
+
+
+def _triton_args(call: AttentionCall, *scalars) -> tuple:
+    """The kernels' autograd functions' arguments, straight from the canonical call (the entry
+    points' `window_size` would lose ALiBi's diagonal where a window's right edge was folded into
+    the causal offset): the inputs, `scalars` (the scale, and entmax's alpha), the bounds, the
+    logit modifiers and, packed, the documents (their offsets stay on the device: no sync)."""
+    from ..kernels.common import check_inputs
 
     q, k, v = call.query, call.key, call.value
-    if call.docs is None:
-        return entmax_attention(q, k, v, scale=call.scale, alpha=call.alpha, causal_offset=call.causal_offset,
-                                length_scale=call.length_scale, seqused_k=call.seqused_k,
-                                window_size=_window_size(call))
-    return entmax_varlen_attention(q, k, v, *_triton_docs(call.docs), scale=call.scale, alpha=call.alpha,
-                                   causal_offset=call.causal_offset, length_scale=call.length_scale,
-                                   causal_from_end=call.docs.causal_from_end, window_size=_window_size(call))
-
-
-def _window_size(call: AttentionCall) -> tuple[int, int] | None:
-    """The call's window as the kernels' entries take it, `(left, -1)` around `causal_offset`
-    (its right edge is part of the causal offset already): the entries' `window_bounds` turns it
-    back into `window_offset`. `left` is never negative: the window's left edge lies at or left
-    of its centre, and clamping both bounds kept their order."""
-    if call.window_offset is None:
-        return None
-    centre = 0 if call.causal_offset is None else call.causal_offset
-    return centre - call.window_offset, -1
+    check_inputs(q, k, v, varlen=call.docs is not None)
+    varlen = () if call.docs is None else (*_triton_docs(call.docs), call.docs.causal_from_end)
+    return (q, k, v, *scalars, call.causal_offset, call.length_scale, call.seqused_k, call.window_offset,
+            call.softcap, call.alibi_slopes, call.alibi_offset, call.sink, *varlen)
 
 
 def _triton_docs(docs) -> tuple:
@@ -216,7 +229,11 @@ def flash_softmax(call: AttentionCall) -> torch.Tensor:
     kwargs = {"softmax_scale": call.scale, "causal": causal}
     if window != (-1, -1):  # passed only when needed: early FlashAttention 3 builds take no window
         kwargs["window_size"] = window
-    if FLASH_ATTN_3 and call.dropout_p == 0:
+    if call.softcap is not None:  # flash-attn caps the scaled logits too, before its ALiBi
+        kwargs["softcap"] = call.softcap
+    if call.alibi_slopes is not None:  # fp32 (nheads,) or (batch, nheads)
+        kwargs["alibi_slopes"] = call.alibi_slopes.float().contiguous().squeeze(0)
+    if FLASH_ATTN_3 and call.dropout_p == 0 and call.alibi_slopes is None:
         import flash_attn_interface as fa
     else:
         import flash_attn as fa

@@ -24,6 +24,15 @@ def clamp_causal_offset(causal_offset: int | None, n_q: int, n_k: int) -> int | 
     return None if causal_offset is None else max(-n_q, min(causal_offset, n_k))
 
 
+# ALiBi's diagonal is not clamped to the lengths, which would move a sink's weight against the keys';
+# it is bounded here only to keep the kernels' int32 distances from overflowing.
+ALIBI_OFFSET_BOUND = 1 << 30
+
+
+def bound_alibi_offset(offset: int) -> int:
+    return max(-ALIBI_OFFSET_BOUND, min(offset, ALIBI_OFFSET_BOUND))
+
+
 @dataclass(frozen=True)
 class PackedDocs:
     """Documents packed along dim 0 (flash-attn's varlen layout): document `d` holds query rows
@@ -94,6 +103,11 @@ class AttentionCall:
     docs: PackedDocs | None = None
     seqused_k: torch.Tensor | None = None  # int32 (B,): batch b sees its first keys only (dense)
     window_offset: int | None = None
+    softcap: float | None = None  # the logits z become softcap * tanh(z / softcap)
+    # ALiBi: (1 or B, Hq) slopes; -slope_h * |j - i - alibi_offset| is added to the logits
+    alibi_slopes: torch.Tensor | None = None
+    alibi_offset: int | None = None  # the diagonal the distances count from: the causal one, or 0
+    sink: torch.Tensor | None = None  # (Hq,): a logit per head in every row's normalization, no value
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -128,10 +142,13 @@ class AttentionCall:
             t[a:b].transpose(0, 1).unsqueeze(0)
             for t, (a, b) in ((self.query, (q0, q1)), (self.key, (k0, k1)), (self.value, (k0, k1)))
         )
-        offsets = [self.causal_offset, self.window_offset]
+        offsets = [self.causal_offset, self.window_offset, self.alibi_offset]
         for i, offset in enumerate(offsets):
             if offset is not None and self.docs.causal_from_end:
                 offset += (k1 - k0) - (q1 - q0)
-            offsets[i] = clamp_causal_offset(offset, q1 - q0, k1 - k0)
+            offsets[i] = clamp_causal_offset(offset, q1 - q0, k1 - k0) if i < 2 else offset
+        slopes = self.alibi_slopes
+        if slopes is not None:
+            slopes = slopes[d:d + 1] if slopes.shape[0] > 1 else slopes
         return replace(self, query=q, key=k, value=v, causal_offset=offsets[0], window_offset=offsets[1],
-                       docs=None)
+                       alibi_offset=offsets[2], alibi_slopes=slopes, docs=None)

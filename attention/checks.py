@@ -17,7 +17,7 @@ import torch
 from ..kernels.common import MIN_ALPHA, window_bounds  # host side only: compiles no kernel
 from . import normalizers
 from .backends import BACKEND_CHOICES
-from .call import AttentionCall, PackedDocs, clamp_causal_offset
+from .call import AttentionCall, PackedDocs, bound_alibi_offset, clamp_causal_offset
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The causal offset that aligns the mask bottom-right: `Nk - Nq`, or in each packed document its own.
@@ -74,6 +74,58 @@ def check_window(window_size) -> tuple[int, int] | None:
     return None if (left, right) == (-1, -1) else (left, right)
 
 
+def check_softcap(softcap) -> float | None:
+    """None, or the logit cap `c > 0` of `c * tanh(z / c)` (Gemma 2's)."""
+    if softcap is None:
+        return None
+    if not is_real_number(softcap):
+        raise TypeError(f"softcap must be None or a positive real number; got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite number above 0; got {softcap}")
+    return float(softcap)
+
+
+def check_alibi_slopes(alibi_slopes, num_heads: int, batch: int,
+                       device: torch.device) -> torch.Tensor | None:
+    """None, or ALiBi's per-head slopes: a floating `(Hq,)` or `(batch, Hq)` tensor on the
+    inputs' device (`batch` the batch size, or the number of packed documents), returned as
+    `(1 or batch, Hq)` (each path computes the bias in its own compute dtype). They are
+    constants, as in flash-attn: one that requires grad is refused rather than silently given
+    none."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be None or a torch.Tensor; got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.dtype.is_floating_point:
+        raise TypeError(f"alibi_slopes must be floating; got {alibi_slopes.dtype}")
+    if alibi_slopes.shape not in ((num_heads,), (batch, num_heads)):
+        raise ValueError(f"alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}); got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on {device}; got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes get no gradient (they are constants, as in flash-attn); pass "
+                         "alibi_slopes.detach(), or a float attn_mask for a learned bias")
+    return alibi_slopes.reshape(-1, num_heads)
+
+
+def check_sink(sink, num_heads: int, device: torch.device) -> torch.Tensor | None:
+    """None, or attention sinks: a floating `(Hq,)` tensor on the inputs' device, one logit per
+    query head (it may require grad)."""
+    if sink is None:
+        return None
+    if not isinstance(sink, torch.Tensor):
+        raise TypeError(f"sink must be None or a torch.Tensor; got {type(sink).__name__}")
+    if not sink.dtype.is_floating_point:
+        raise TypeError(f"sink must be floating; got {sink.dtype}")
+    if sink.shape != (num_heads,):
+        raise ValueError(f"sink must have shape ({num_heads},), one logit per query head; got "
+                         f"{tuple(sink.shape)}")
+    if sink.device != device:
+        raise ValueError(f"sink must be on {device}; got {sink.device}")
+    return sink
+
+
 def check_seqused_k(seqused_k, query: torch.Tensor) -> torch.Tensor | None:
     """None, or per-batch key lengths: an int32 or int64 `(B,)` tensor on the query's device, as
     int32. Its values are not read (no host sync): the paths clamp them to `[0, Nk]`."""
@@ -94,12 +146,15 @@ def check_seqused_k(seqused_k, query: torch.Tensor) -> torch.Tensor | None:
 def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale, scale: float | None,
               causal_offset: int | str | None, attn_mask=None, dropout_p: float = 0.0,
               docs: PackedDocs | None = None, seqused_k: torch.Tensor | None = None,
-              window: tuple[int, int] | None = None) -> AttentionCall:
+              window: tuple[int, int] | None = None, softcap: float | None = None,
+              alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None) -> AttentionCall:
     """The call of checked arguments in canonical form: the normalizer rewritten to its base
     record (`normalizers.canonical`), the scale's default, `1 / sqrt(D)`, resolved, the causal
     offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed), the sliding window
     (`check_window`) turned into bounds around it (`window_bounds`), both clamped to the lengths
-    (`clamp_causal_offset`) and, under `torch.autocast`, the inputs in its dtype (`_autocast`)."""
+    (`clamp_causal_offset`), ALiBi's distances counted from the causal diagonal too (from `i`
+    without one; not clamped: beside a sink a shifted diagonal would move weight), and, under
+    `torch.autocast`, the inputs in its dtype (`_autocast`)."""
     record, alpha, length_scale = normalizers.canonical(normalizer, alpha, length_scale)
     query, key, value = _autocast(query, key, value)
     if docs is None:
@@ -115,6 +170,7 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
         lengths = docs.max_seqlen_q, docs.max_seqlen_k
         if docs.causal_from_end:  # as `offset + n_k - n_q`, it changes no row in [-max_k, max_q] instead
             lengths = lengths[::-1]
+    alibi_offset = None if alibi_slopes is None else bound_alibi_offset(causal_offset or 0)
     causal_offset, window_offset = window_bounds(causal_offset, window)
     causal_offset = clamp_causal_offset(causal_offset, *lengths)
     window_offset = clamp_causal_offset(window_offset, *lengths)
@@ -122,6 +178,7 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
         query, key, value, name=normalizer, normalizer=record, alpha=alpha, length_scale=length_scale,
         scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,
         attn_mask=attn_mask, dropout_p=dropout_p, docs=docs, seqused_k=seqused_k, window_offset=window_offset,
+        softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.common import first_order_only, vmap_by_loop  # host side only: compiles no kernel
-from .reference import float_mask_allows
+from .reference import alibi_bias, float_mask_allows
 
 if TYPE_CHECKING:
     from .call import AttentionCall
@@ -35,21 +35,33 @@ MAX_NEWTON_STEPS = 30
 # For alpha other than 1.5 and 2, the threshold search moves to the keys still above its first
 # iterate when they are at most this fraction of the block (see `entmax_threshold`).
 COMPACT_FRACTION = 0.25
+# The blockwise path runs softmax as entmax's limit alpha -> 1 (weights exp(z - max - tau), tau the
+# log-sum-exp), for the logits SDPA cannot take; the public alpha starts at 1.01.
+SOFTMAX_ALPHA = 1.0
 
 
 def softmax_attention(call: AttentionCall) -> torch.Tensor:
     """Softmax (and SSMax, with a length scale) by torch's fused SDPA, in row blocks where SDPA
-    cannot take the causal rule."""
+    cannot take the causal rule; with what SDPA cannot apply to the logits (softcapping, ALiBi
+    without a dense bias, sinks), by the blockwise path below at `alpha = 1`."""
+    if call.softcap is not None or call.alibi_slopes is not None or call.sink is not None:
+        return _blockwise(call, SOFTMAX_ALPHA)
     return _softmax_sdpa(call.query, call.key, call.value, call.attn_mask, call.dropout_p, call.causal_offset,
                          call.window_offset, call.scale, call.length_scale)
 
 
 def entmax_attention(call: AttentionCall) -> torch.Tensor:
     """Sparsemax / alpha-entmax blockwise, O(N) extra memory per row block."""
+    return _blockwise(call, call.alpha)
+
+
+def _blockwise(call: AttentionCall, alpha: float) -> torch.Tensor:
     q = call.query
     s = None if call.length_scale is None else _per_head(call.length_scale, q)
-    out, _, _, _ = SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.causal_offset,
-                                         call.window_offset, call.scale, call.alpha, call.dropout_p)
+    out, _, _, _ = SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.sink,
+                                         call.alibi_slopes,
+                                         call.causal_offset, call.window_offset, call.scale, alpha,
+                                         call.dropout_p, call.softcap, call.alibi_offset)
     return out
 
 
@@ -284,23 +296,30 @@ class _Blocks:
 
     A block is one batch entry, a few key heads with their `G = Hq // Hkv` query heads each,
     and a run of query rows: its logits are `(heads, G, rows, keys)`, one matmul without
-    repeating K, sized to stay in cache. Logits are kept in entmax units, `x = (alpha - 1) z`:
-    the per-row multiplier of `q.k`, `c_i = (alpha - 1) * scale * (s_h ln(n_i) if length-scaled)`,
-    is folded into the query once.
+    repeating K, sized to stay in cache. Logits are kept in entmax units, `x = (alpha - 1) z`
+    (`unit = alpha - 1`; 1 for softmax, `alpha = 1`): the per-row multiplier of `q.k`,
+    `c_i = unit * scale * (s_h ln(n_i) if length-scaled)`, is folded into the query once. With
+    softcapping the cap comes between: `c_i` leaves `unit` out, and `x = unit * cap * tanh(y /
+    cap)` of `y = c_i q.k`. A float mask and ALiBi's bias are added to `z` after it. A sink is one
+    more column of logits, `unit * sink_h` in every row, that takes weight and has no value.
     """
 
-    def __init__(self, q, s, attn_mask, causal_offset, window_offset, scale, alpha, h_kv, n_k, dropout_p,
-                 seed):
+    def __init__(self, q, s, attn_mask, alibi, causal_offset, window_offset, scale, alpha, h_kv, n_k,
+                 dropout_p, seed, softcap=None, alibi_offset=None, sink=None):
         b, h_q, n_q, _ = q.shape
         self.group, self.n_k = h_q // h_kv, n_k
         self.causal_offset, self.window_offset, self.alpha = causal_offset, window_offset, alpha
+        self.unit = 1.0 if alpha == SOFTMAX_ALPHA else alpha - 1
+        self.softcap, self.alibi, self.alibi_offset = softcap, alibi, alibi_offset
+        self.sink = None if sink is None else sink.to(q.dtype).view(1, -1, 1, 1)
         self.dropout_p, self.seed = dropout_p, seed
         self.mask4 = _mask_4d(attn_mask)
-        self.c = torch.full((1, 1, 1, 1), (alpha - 1) * scale, dtype=q.dtype, device=q.device)
+        pre = self.unit if softcap is None else 1.0  # the part of `unit` applied before the cap
+        self.c = torch.full((1, 1, 1, 1), pre * scale, dtype=q.dtype, device=q.device)
         self.dc_ds = None  # d c / d s_h, for the gradient of s
         if s is not None:
             counts = allowed_counts(attn_mask, causal_offset, n_q, n_k, q.device, window_offset)
-            self.dc_ds = (alpha - 1) * scale * torch.log(counts.clamp(min=1)).to(q.dtype).unsqueeze(-1)
+            self.dc_ds = pre * scale * torch.log(counts.clamp(min=1)).to(q.dtype).unsqueeze(-1)
             self.c = self.c * length_factor(s, counts, h_q)
         rows = min(n_q, _rows_per_block(BLOCK_ELEMENTS // self.group, n_k, causal_offset, window_offset))
         width = n_k  # the keys a block of rows sees, at most
@@ -326,32 +345,59 @@ class _Blocks:
             t = t.unsqueeze(0)
         return t[:, :, r0:r1] if t.shape[2] > 1 else t
 
-    def logits(self, qx, k, i, h0, h1, r0, r1):
-        """`(x, no_key)`: the `(heads, G, rows, keys)` logits `x` of a block, masked keys at
-        -inf, and which rows the masks leave no key (broadcastable bool, or None for none).
+    def logits(self, qx, k, i, h0, h1, r0, r1, cap_slope=False):
+        """`(x, no_key, slope)`: the `(heads, G, rows, keys)` logits `x` of a block, masked keys
+        at -inf; which rows the masks leave no key (broadcastable bool, or None for none); and
+        with `cap_slope` and a softcap, `dx/dy` of the cap, `unit * (1 - tanh^2)` (else None).
 
         `qx` is the query times `c`, grouped `(B, Hkv, G, Nq, D)`."""
         k0, k1 = self.keys(r0, r1)
         q_blk = qx[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, D)
         x = torch.matmul(q_blk, k[i, h0:h1, k0:k1].transpose(-1, -2)).unflatten(1, (self.group, r1 - r0))
+        slope = None
+        if self.softcap is not None:  # y -> unit * cap * tanh(y / cap), in place
+            t = x.div_(self.softcap).tanh_()
+            if cap_slope:
+                slope = (1 - t * t).mul_(self.unit)
+            x = t.mul_(self.unit * self.softcap)
+        if self.alibi is not None:  # flash-attn's -slope_h |j - i - offset|, added to z
+            slopes = self.cut(self.alibi[:, :, None, None], i, h0, h1, r0, r1)  # (heads or 1, G or 1, 1, 1)
+            x.add_(alibi_bias(slopes.flatten(0, 1), self.alibi_offset, r0, r1, k0, k1, x.dtype).view(
+                slopes.shape[0], slopes.shape[1], r1 - r0, k1 - k0), alpha=self.unit)
         mask = None if self.mask4 is None else self.cut(_keys_of(self.mask4, k0, k1), i, h0, h1, r0, r1)
         if mask is not None and mask.dtype != torch.bool:  # a float mask is added to z
             allows = float_mask_allows(mask)
-            x.add_(mask.to(x.dtype).masked_fill(~allows, 0.0), alpha=self.alpha - 1)
+            x.add_(mask.to(x.dtype).masked_fill(~allows, 0.0), alpha=self.unit)
             mask = allows
         band = _band_block(self.causal_offset, self.window_offset, r0, r1, k0, k1, x.device)
         if band is not None:
             mask = band if mask is None else mask & band
-        if mask is None:
-            return x, None
-        x.masked_fill_(~mask, float("-inf"))
-        return x, ~mask.any(-1, keepdim=True)
+        no_key = None
+        if mask is not None:
+            x.masked_fill_(~mask, float("-inf"))
+            no_key = ~mask.any(-1, keepdim=True)
+        if self.sink is not None:  # its column comes last; every row has it
+            sink = self.cut(self.sink, i, h0, h1, r0, r1) * self.unit  # (heads, G, 1, 1)
+            # a row with no key stays empty: a sink of -inf would leave it nothing to normalize
+            x = torch.cat((x, sink.expand(*x.shape[:-1], 1)), dim=-1)
+        return x, no_key, slope
+
+    def threshold(self, x, empty):
+        """Each row's `tau` (rows whose max is 0): entmax's (`entmax_threshold`), or softmax's
+        log-sum-exp, so that the weights are `[x - max - tau]_+ ** (1 / unit)` or `exp(x - max -
+        tau)` alike."""
+        if self.alpha == SOFTMAX_ALPHA:
+            return torch.logsumexp(x, dim=-1, keepdim=True)
+        return entmax_threshold(x, self.alpha, empty, torch.empty_like(x))[0]
 
     def probs(self, x, row_max, tau, keep_base=False):
         """`(p, d)`: `d = [x - max - tau]_+`, computed in place in x, and the weights
         `p = d ** (1 / (alpha - 1))`, normalised; p overwrites d unless `keep_base` (for
         sparsemax p is d itself)."""
         # max first: `row_max + tau` would round tau away when the logits are large
+        if self.alpha == SOFTMAX_ALPHA:
+            p = x.sub_(row_max).sub_(tau).exp_()
+            return p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)), p
         d = x.sub_(row_max).sub_(tau).clamp_(min=0)
         if self.alpha == 2.0:
             p = d
@@ -369,14 +415,16 @@ class _Blocks:
         return keep.div_(1 - self.dropout_p)
 
 
-def _sparse_forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p):
+def _sparse_forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha, dropout_p,
+                    softcap=None, alibi_offset=None):
     """Blockwise sparsemax / alpha-entmax: `(out, row_max, tau, seed)`, the row statistics
     `(B, Hkv, G, Nq, 1)` in the compute dtype (entmax units), the dropout seed a 0-d int64."""
     dtype = _compute_dtype(q)
     b, h_kv, n_k, _ = k.shape
     seed = int(torch.randint(1 << 62, ())) if dropout_p > 0 else 0
     qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-    blocks = _Blocks(qc, s, attn_mask, causal_offset, window_offset, scale, alpha, h_kv, n_k, dropout_p, seed)
+    blocks = _Blocks(qc, s, attn_mask, alibi, causal_offset, window_offset, scale, alpha, h_kv, n_k,
+                     dropout_p, seed, softcap, alibi_offset, sink)
     qx = (qc * blocks.c).unflatten(1, (h_kv, blocks.group))  # (B, Hkv, G, Nq, D)
     out = torch.empty(*qx.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
     row_max = torch.empty(*qx.shape[:-1], 1, dtype=dtype, device=q.device)
@@ -387,7 +435,7 @@ def _sparse_forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, 
             out[i, h0:h1, :, r0:r1] = 0
             row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = 0, float("inf")
             continue
-        x, no_key = blocks.logits(qx, kc, i, h0, h1, r0, r1)
+        x, no_key, _ = blocks.logits(qx, kc, i, h0, h1, r0, r1)
         m = x.amax(-1, keepdim=True)
         empty = m == float("-inf")
         # a row whose allowed keys all have logit -inf (an inf in q or k) is NaN, as in the
@@ -395,25 +443,25 @@ def _sparse_forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, 
         m.masked_fill_(empty if no_key is None else empty & ~no_key, float("nan"))
         empty = torch.zeros_like(empty) if no_key is None else empty & no_key
         m.masked_fill_(empty, 0.0)
-        t, _ = entmax_threshold(x - m, alpha, empty, torch.empty_like(x))
+        t = blocks.threshold(x - m, empty)
         t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
         row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = m, t
         p, _ = blocks.probs(x, m, t)
         if dropout_p > 0:
             p.mul_(blocks.dropout_keep(p, index))
-        out_blk = torch.matmul(p.flatten(1, 2), vc[i, h0:h1, k0:k1])
+        out_blk = torch.matmul(p[..., :k1 - k0].flatten(1, 2), vc[i, h0:h1, k0:k1])  # the sink has no value
         out[i, h0:h1, :, r0:r1] = out_blk.unflatten(1, (blocks.group, r1 - r0))
     return out.flatten(1, 2).to(q.dtype), row_max, tau, torch.tensor(seed, device=q.device)
 
 
-def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, window_offset, scale,
-                     alpha, dropout_p, mask_grad):
+def _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed, causal_offset, window_offset,
+                     scale, alpha, dropout_p, softcap, alibi_offset, mask_grad):
     """Gradients of `_sparse_forward`, each block's weights recomputed from the saved `row_max`
-    and `tau`: `(dq, dk, dv, ds, dmask)`; `ds` and `dmask` are empty when there is no length
-    scale or no mask gradient to give (an op returns tensors, not None)."""
+    and `tau`: `(dq, dk, dv, ds, dmask, dsink)`; `ds`, `dmask` and `dsink` are empty when there is
+    no length scale, mask gradient or sink to give (an op returns tensors, not None)."""
     dtype, h_kv = row_max.dtype, k.shape[1]
-    blocks = _Blocks(q.to(dtype), s, attn_mask, causal_offset, window_offset, scale, alpha, h_kv, k.shape[2],
-                     dropout_p, int(seed))
+    blocks = _Blocks(q.to(dtype), s, attn_mask, alibi, causal_offset, window_offset, scale, alpha, h_kv,
+                     k.shape[2], dropout_p, int(seed), softcap, alibi_offset, sink)
     g = blocks.group
     qc, kc, vc = (t.to(dtype) for t in (q, k, v))
     qx = (qc * blocks.c).unflatten(1, (h_kv, g))
@@ -426,34 +474,45 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
     # z = ... + mask, x = (alpha - 1) z: a float mask's gradient is (alpha - 1) dx, summed over
     # the dims it broadcasts along
     dmask4 = torch.zeros(blocks.mask4.shape, dtype=dtype, device=q.device) if mask_grad else None
+    dsink = None if sink is None else torch.zeros(q.shape[0], q.shape[1], dtype=dtype, device=q.device)
     for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
         k0, k1 = blocks.keys(r0, r1)
         if k0 == k1:
             dqx[i, h0:h1, :, r0:r1] = 0
             continue
-        x, _ = blocks.logits(qx, kc, i, h0, h1, r0, r1)
+        x, _, cap_slope = blocks.logits(qx, kc, i, h0, h1, r0, r1, cap_slope=True)
         p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
         do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
         dp = torch.matmul(do_blk, vc[i, h0:h1, k0:k1].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
+        if sink is not None:  # the sink's column: no value, so dP = 0 there
+            dp = torch.cat((dp, dp.new_zeros(*dp.shape[:-1], 1)), dim=-1)
         p_used = p
         if blocks.dropout_p > 0:
             keep = blocks.dropout_keep(p, index)
             p_used = p * keep
             dp.mul_(keep)
-        dv[i, h0:h1, k0:k1] += torch.matmul(p_used.flatten(1, 2).transpose(-1, -2), do_blk)
+        dv[i, h0:h1, k0:k1] += torch.matmul(p_used[..., :k1 - k0].flatten(1, 2).transpose(-1, -2), do_blk)
         # dp/dx = u / (alpha - 1), u = p ** (2 - alpha) on the support: the indicator for
-        # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow)
-        if alpha == 2.0:
+        # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow);
+        # softmax's is p itself
+        if alpha == SOFTMAX_ALPHA:
+            u = p
+        elif alpha == 2.0:
             u = d.sign_()
         elif alpha == 1.5:
             u = d
         else:
             u = torch.where(d > 0, p / d, 0.0)
         delta = torch.linalg.vecdot(u, dp).unsqueeze(-1) / u.sum(-1, keepdim=True).clamp_(min=1e-30)
-        dx = dp.sub_(delta).mul_(u).div_(alpha - 1)  # (heads, G, rows, keys)
+        dx = dp.sub_(delta).mul_(u).div_(blocks.unit)  # (heads, G, rows, keys)
+        if sink is not None:  # z_sink = sink_h, x = unit z
+            dsink[i, h0 * g:h1 * g] += dx[..., -1].sum(-1).flatten() * blocks.unit
+            dx = dx[..., :-1]
         if dmask4 is not None:
             target = blocks.cut(_keys_of(dmask4, k0, k1), i, h0, h1, r0, r1)  # a view into dmask4
-            target.add_(dx.sum_to_size(target.shape), alpha=alpha - 1)
+            target.add_(dx.sum_to_size(target.shape), alpha=blocks.unit)
+        if cap_slope is not None:  # through the cap: the gradient of y = c q.k
+            dx.mul_(cap_slope)
         dx = dx.flatten(1, 2)  # (heads, G*rows, keys)
         dqx[i, h0:h1, :, r0:r1] = torch.matmul(dx, kc[i, h0:h1, k0:k1]).unflatten(1, (g, r1 - r0))
         dk[i, h0:h1, k0:k1] += torch.matmul(dx.transpose(-1, -2), qx[i, h0:h1, :, r0:r1].flatten(1, 2))
@@ -464,7 +523,8 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
         per_row = torch.linalg.vecdot(qc, dqx.flatten(1, 2)).unsqueeze(-1) * blocks.dc_ds
         ds = per_row.sum(dim=(0, 2, 3)).to(s.dtype)
     dmask = q.new_empty(0) if dmask4 is None else dmask4.reshape(attn_mask.shape).to(attn_mask.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, dmask
+    dsink = q.new_empty(0, dtype=dtype) if dsink is None else dsink.sum(0).to(sink.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, dmask, dsink
 
 
 # The two halves as custom ops: opaque to torch.compile (the threshold search's early exit reads
@@ -474,14 +534,16 @@ def _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offse
 
 @torch.library.custom_op("longattn::blockwise_entmax_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, causal_offset: int | None, window_offset: int | None,
-            scale: float, alpha: float,
-            dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p)
+            attn_mask: torch.Tensor | None, sink: torch.Tensor | None, alibi: torch.Tensor | None,
+            causal_offset: int | None, window_offset: int | None, scale: float, alpha: float,
+            dropout_p: float, softcap: float | None,
+            alibi_offset: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha,
+                           dropout_p, softcap, alibi_offset)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p):
+def _(q, k, v, *args):
     b, h_kv, _, _ = k.shape
     stats = (b, h_kv, q.shape[1] // h_kv, q.shape[2], 1)
     dtype = _compute_dtype(q)
@@ -491,20 +553,23 @@ def _(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout
 
 @torch.library.custom_op("longattn::blockwise_entmax_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, row_max: torch.Tensor, tau: torch.Tensor, seed: torch.Tensor,
-            causal_offset: int | None, window_offset: int | None, scale: float, alpha: float,
-            dropout_p: float,
-            mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_backward(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, window_offset,
-                            scale, alpha, dropout_p, mask_grad)
+            attn_mask: torch.Tensor | None, sink: torch.Tensor | None, alibi: torch.Tensor | None,
+            row_max: torch.Tensor,
+            tau: torch.Tensor, seed: torch.Tensor, causal_offset: int | None, window_offset: int | None,
+            scale: float, alpha: float, dropout_p: float, softcap: float | None, alibi_offset: int | None,
+            mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor]:
+    return _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed, causal_offset,
+                            window_offset, scale, alpha, dropout_p, softcap, alibi_offset, mask_grad)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, s, attn_mask, row_max, tau, seed, causal_offset, window_offset, scale, alpha, dropout_p,
-      mask_grad):
+def _(do, q, k, v, s, attn_mask, sink, alibi, row_max, *args):
+    mask_grad = args[-1]
     ds = q.new_empty(0, dtype=row_max.dtype) if s is None else s.new_empty(s.shape)
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dmask
+    dsink = q.new_empty(0, dtype=row_max.dtype) if sink is None else sink.new_empty(sink.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dmask, dsink
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -512,36 +577,40 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 
 class SparseAttention(torch.autograd.Function):
-    """Blockwise sparsemax / alpha-entmax attention with a saved per-row threshold, in the form
-    torch.func takes (`setup_context`; vmap through the ops' rules). Shapes as
-    `reference.attention`; `s` is None or `(Hq,)` in the compute dtype. Returns `(out, row_max,
-    tau, seed)`, of which only `out` is differentiable. The backward is not itself differentiable:
-    a second derivative raises."""
+    """Blockwise sparsemax / alpha-entmax attention (softmax at `alpha = SOFTMAX_ALPHA`) with a
+    saved per-row threshold, in the form torch.func takes (`setup_context`; vmap through the ops'
+    rules). Shapes as `reference.attention`; `s` is None or `(Hq,)` in the compute dtype, `alibi`
+    None or the call's `(1 or B, Hq)` slopes (no gradient). Returns `(out, row_max, tau, seed)`,
+    of which only `out` is differentiable. The backward is not itself differentiable: a second
+    derivative raises."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p):
-        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, attn_mask, causal_offset, window_offset,
-                                                       scale, alpha, dropout_p)
+    def forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha, dropout_p,
+                softcap, alibi_offset):
+        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, attn_mask, sink, alibi, causal_offset,
+                                                       window_offset, scale, alpha, dropout_p, softcap,
+                                                       alibi_offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, s, attn_mask, causal_offset, window_offset, scale, alpha, dropout_p = inputs
+        q, k, v, s, attn_mask, sink, alibi, *settings = inputs
         _, row_max, tau, seed = output
         ctx.mark_non_differentiable(row_max, tau, seed)
-        ctx.save_for_backward(q, k, v, s, attn_mask, row_max, tau, seed)
-        ctx.args = (causal_offset, window_offset, scale, alpha, dropout_p)
+        ctx.save_for_backward(q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed)
+        ctx.args = tuple(settings)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, s, attn_mask, row_max, tau, seed = ctx.saved_tensors
+        q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed = ctx.saved_tensors
         mask_grad = attn_mask is not None and ctx.needs_input_grad[4]
         with torch.no_grad():
-            dq, dk, dv, ds, dmask = torch.ops.longattn.blockwise_entmax_bwd(
-                grad_out, q, k, v, s, attn_mask, row_max, tau, seed, *ctx.args, mask_grad
+            grads = torch.ops.longattn.blockwise_entmax_bwd(
+                grad_out, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed, *ctx.args, mask_grad
             )
-        dq, dk, dv, ds, dmask = first_order_only("longattn::blockwise_entmax_bwd", (dq, dk, dv, ds, dmask),
-                                                 (grad_out, q, k, v, s, attn_mask))
+        dq, dk, dv, ds, dmask, dsink = first_order_only("longattn::blockwise_entmax_bwd", grads,
+                                                        (grad_out, q, k, v, s, attn_mask, sink))
         ds = ds if s is not None else None
-        return dq, dk, dv, ds, dmask if mask_grad else None, *(None,) * len(ctx.args)
+        dsink = dsink if sink is not None else None
+        return dq, dk, dv, ds, dmask if mask_grad else None, dsink, None, *(None,) * len(ctx.args)

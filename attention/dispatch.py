@@ -17,7 +17,7 @@ import torch
 
 from ..kernels.common import first_order_only  # host side only: compiles no kernel
 from . import checks, normalizers
-from .backends import AUTO_ORDER, BACKENDS, REFERENCE, Backend
+from .backends import AUTO_ORDER, BACKENDS, FEATURES, REFERENCE, Backend
 from .call import AttentionCall, PackedDocs
 from .normalizers import Normalizer
 
@@ -123,36 +123,41 @@ def _run_documents_op(call: AttentionCall, backend: Backend) -> torch.Tensor:
 
 def _op_args(call: AttentionCall, backend: Backend) -> tuple:
     """A packed call as the ops' arguments, `(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale,
-    *settings)`: a tensor length scale beside the tensors (it may require grad), a float one among
-    the settings."""
+    sink, alibi_slopes, *settings)`: a tensor length scale beside the tensors (it may require
+    grad, as the sink may), a float one among the settings, and every other field of the call."""
     d, s = call.docs, call.length_scale
     tensor_s = s if torch.is_tensor(s) else None
-    return (call.query, call.key, call.value, d.cu_seqlens_q, d.cu_seqlens_k, tensor_s,
-            None if tensor_s is not None else s, backend.name, call.normalizer.name, call.alpha, call.scale,
-            call.causal_offset, d.max_seqlen_q, d.max_seqlen_k, d.causal_from_end)
+    return (call.query, call.key, call.value, d.cu_seqlens_q, d.cu_seqlens_k, tensor_s, call.sink,
+            call.alibi_slopes, None if tensor_s is not None else s, backend.name, call.normalizer.name,
+            call.alpha, call.scale, call.causal_offset, call.window_offset, call.softcap, call.alibi_offset,
+            d.max_seqlen_q, d.max_seqlen_k, d.causal_from_end)
 
 
-def _op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, length_scale_value, backend, normalizer,
-             alpha, scale, causal_offset, max_seqlen_q, max_seqlen_k,
-             causal_from_end) -> tuple[AttentionCall, Backend]:
+def _op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes, length_scale_value,
+             backend,
+             normalizer, alpha, scale, causal_offset, window_offset, softcap, alibi_offset, max_seqlen_q,
+             max_seqlen_k, causal_from_end) -> tuple[AttentionCall, Backend]:
     """The call and the backend of `_op_args`, rebuilt inside the ops."""
     docs = PackedDocs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, causal_from_end)
     call = AttentionCall(q, k, v, name=normalizer, normalizer=normalizers.get(normalizer), alpha=alpha,
                          length_scale=length_scale_value if length_scale is None else length_scale,
-                         scale=scale, causal_offset=causal_offset, docs=docs)
+                         scale=scale, causal_offset=causal_offset, docs=docs, window_offset=window_offset,
+                         softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
     return call, BACKENDS[backend]
 
 
 @torch.library.custom_op("longattn::packed_documents_fwd", mutates_args=())
 def _documents_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    length_scale: torch.Tensor | None, length_scale_value: float | None, backend: str, normalizer: str,
-    alpha: float, scale: float, causal_offset: int | None, max_seqlen_q: int, max_seqlen_k: int,
-    causal_from_end: bool,
+    length_scale: torch.Tensor | None, sink: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+    length_scale_value: float | None, backend: str, normalizer: str, alpha: float, scale: float,
+    causal_offset: int | None, window_offset: int | None, softcap: float | None, alibi_offset: int | None,
+    max_seqlen_q: int, max_seqlen_k: int, causal_from_end: bool,
 ) -> torch.Tensor:
-    return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, length_scale_value,
-                                    backend, normalizer, alpha, scale, causal_offset, max_seqlen_q,
-                                    max_seqlen_k, causal_from_end))
+    return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes,
+                                    length_scale_value, backend, normalizer, alpha, scale, causal_offset,
+                                    window_offset, softcap, alibi_offset, max_seqlen_q, max_seqlen_k,
+                                    causal_from_end))
 
 
 @_documents_fwd.register_fake
@@ -163,43 +168,51 @@ def _(q, k, v, *args):
 @torch.library.custom_op("longattn::packed_documents_bwd", mutates_args=())
 def _documents_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, length_scale: torch.Tensor | None, length_scale_value: float | None,
-    backend: str, normalizer: str, alpha: float, scale: float, causal_offset: int | None, max_seqlen_q: int,
-    max_seqlen_k: int, causal_from_end: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dq`, `dk`, `dv` and the length scale's gradient (empty without a tensor one)."""
-    settings = (length_scale_value, backend, normalizer, alpha, scale, causal_offset, max_seqlen_q,
-                max_seqlen_k, causal_from_end)
+    cu_seqlens_k: torch.Tensor, length_scale: torch.Tensor | None, sink: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, length_scale_value: float | None, backend: str, normalizer: str,
+    alpha: float, scale: float, causal_offset: int | None, window_offset: int | None, softcap: float | None,
+    alibi_offset: int | None, max_seqlen_q: int, max_seqlen_k: int, causal_from_end: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dq`, `dk`, `dv` and the length scale's and the sink's gradients (empty without them)."""
+    settings = (length_scale_value, backend, normalizer, alpha, scale, causal_offset, window_offset, softcap,
+                alibi_offset, max_seqlen_q, max_seqlen_k, causal_from_end)
+    differentiable = [t for t in (length_scale, sink) if t is not None]
 
-    def forward(q, k, v, length_scale=None):
-        return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, *settings))
+    def forward(q, k, v, *extra):
+        extra = iter(extra)
+        s = next(extra) if length_scale is not None else None
+        sk = next(extra) if sink is not None else None
+        return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, s, sk, alibi_slopes, *settings))
 
-    primals = (q, k, v) if length_scale is None else (q, k, v, length_scale)
-    _, vjp = torch.func.vjp(forward, *primals)
-    dq, dk, dv, *ds = vjp(grad_out)
-    return dq, dk, dv, ds[0] if ds else q.new_empty(0)
+    _, vjp = torch.func.vjp(forward, q, k, v, *differentiable)
+    dq, dk, dv, *rest = vjp(grad_out)
+    ds = rest.pop(0) if length_scale is not None else q.new_empty(0)
+    dsink = rest.pop(0) if sink is not None else q.new_empty(0)
+    return dq, dk, dv, ds, dsink
 
 
 @_documents_bwd.register_fake
-def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, *args):
+def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, *args):
     ds = q.new_empty(0) if length_scale is None else length_scale.new_empty(length_scale.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+    dsink = q.new_empty(0) if sink is None else sink.new_empty(sink.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsink
 
 
 def _documents_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, *settings = inputs
-    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes, *settings = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes)
     ctx.settings = settings
 
 
 def _documents_backward(ctx, grad_out):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale = ctx.saved_tensors
+    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes = ctx.saved_tensors
     with torch.no_grad():
         grads = torch.ops.longattn.packed_documents_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                        length_scale, *ctx.settings)
-    dq, dk, dv, ds = first_order_only("longattn::packed_documents_bwd", grads,
-                                      (grad_out, q, k, v, length_scale))
-    return dq, dk, dv, None, None, ds if ctx.needs_input_grad[5] else None, *(None,) * len(ctx.settings)
+                                                        length_scale, sink, alibi_slopes, *ctx.settings)
+    dq, dk, dv, ds, dsink = first_order_only("longattn::packed_documents_bwd", grads,
+                                             (grad_out, q, k, v, length_scale, sink))
+    return (dq, dk, dv, None, None, ds if ctx.needs_input_grad[5] else None,
+            dsink if ctx.needs_input_grad[6] else None, None, *(None,) * len(ctx.settings))
 
 
 _documents_fwd.register_autograd(_documents_backward, setup_context=_documents_setup)
@@ -210,7 +223,8 @@ _documents_fwd.register_autograd(_documents_backward, setup_context=_documents_s
 
 
 def capability_table() -> str:
-    """Markdown: which backend serves which normalizer, then what each backend is."""
+    """Markdown: which backend serves which normalizer, what each backend is, and which keywords
+    each takes (`Backend.features`)."""
     names = list(BACKENDS)
     lines = ["| normalizer | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
     for name in normalizers.names():
@@ -223,4 +237,7 @@ def capability_table() -> str:
         auto = "anywhere" if b.auto_devices is None else ", ".join(b.auto_devices) or "never"
         packed = "one launch" if b.packed else "one at a time"
         lines.append(f"| `{name}` | {b.summary} | {b.memory} | {packed} | {auto} |")
+    lines += ["", "| keyword | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for feature in FEATURES:
+        lines.append(f"| `{feature}` | " + " | ".join(BACKENDS[n].features[feature] for n in names) + " |")
     return "\n".join(lines)

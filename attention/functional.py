@@ -24,6 +24,9 @@ def scaled_dot_product_attention(
     causal_offset: int | str | None = None,
     seqused_k: torch.Tensor | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Scaled dot-product attention with a choice of normalizer.
@@ -38,7 +41,7 @@ def scaled_dot_product_attention(
 
         def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None,
-                      seqused_k=None, window_size=None):
+                      seqused_k=None, window_size=None, softcap=None, alibi_slopes=None, sink=None):
             scale = q.size(-1) ** -0.5 if scale is None else scale
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)     # GQA
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
@@ -62,7 +65,15 @@ def scaled_dot_product_attention(
                 s = torch.as_tensor(1.0 if length_scale is None else length_scale, dtype=q.dtype)
                 n = allowed.sum(-1, keepdim=True).to(q.dtype)           # keys row i may see
                 scores = scores * s.view(-1, 1, 1) * n.clamp(min=1).log()   # s: float or (Hq,)
-            z = (scale * scores + bias).masked_fill(~allowed, -inf)
+            z = scale * scores
+            if softcap is not None:                                     # Gemma 2's cap
+                z = softcap * torch.tanh(z / softcap)
+            if alibi_slopes is not None:                                # (Hq,) or (B, Hq)
+                i, j = torch.arange(q.size(-2)).view(-1, 1), torch.arange(k.size(-2))
+                z = z - alibi_slopes.view(-1, q.size(-3), 1, 1) * (j - i - (causal_offset or 0)).abs()
+            z = (z + bias).masked_fill(~allowed, -inf)
+            if sink is not None:                                        # a logit per head, no value
+                z = torch.cat([z, sink.view(-1, 1, 1).expand(*z.shape[:-1], 1)], dim=-1)
             if normalizer in ("softmax", "ssmax"):
                 p = torch.softmax(z, dim=-1)
             else:  # sparsemax (Martins & Astudillo 2016) is entmax at alpha 2 (Peters et al. 2019)
@@ -75,6 +86,7 @@ def scaled_dot_product_attention(
                     lo, hi = torch.where(above, tau, lo), torch.where(above, hi, tau)
                 p = clamp(x - tau, min=0) ** (1 / (a - 1))
                 p = p / p.sum(-1, keepdim=True)
+            p = p[..., :k.size(-2)]                                     # the sink's share: no value
             p = p.masked_fill(~allowed.any(-1, keepdim=True), 0)        # empty rows give 0
             p = torch.dropout(p, dropout_p, train=True)
             return p @ v
@@ -118,6 +130,17 @@ def scaled_dot_product_attention(
             ``is_causal=True, window_size=(w - 1, 0)`` is Mistral's window of ``w`` keys), ``-1``
             for a side without bound; combined with every other mask. The paths visit only the
             keys inside it, so the cost grows as ``N * w``, and ``n_i`` counts the keys in it.
+        softcap: logit soft-capping (Gemma 2): the logits ``z`` (after the scale and length
+            scaling) become ``softcap * tanh(z / softcap)`` before any mask or bias is added.
+        alibi_slopes: ALiBi (Press et al. 2022), flash-attn's form: a float tensor of shape
+            ``(Hq,)`` or ``(B, Hq)`` on the inputs' device, adding ``-slope_h * |j - i - c|`` to
+            the logits (``c`` as for ``window_size``: the causal offset, 0 without one), computed
+            in place on the kernels rather than read from a mask. The slopes are constants, as
+            in flash-attn: one that requires grad is refused.
+        sink: attention sinks (gpt-oss; FlashAttention 4's learnable sink): a float tensor of
+            shape ``(Hq,)`` on the inputs' device, one logit per head that joins every row's
+            normalization (sparsemax's and entmax's threshold search too) and carries no value,
+            so a row may give its weight to nothing. It may require grad.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash"``
             (flash-attn, when installed: softmax and SSMax on CUDA in 16 bits). ``"auto"`` takes
             the first of flash-attn and the Triton kernels that serves a CUDA call, else
@@ -137,6 +160,9 @@ def scaled_dot_product_attention(
         scale=checks.check_scale(scale), causal_offset=causal_offset, attn_mask=attn_mask,
         dropout_p=checks.check_dropout(dropout_p),
         seqused_k=checks.check_seqused_k(seqused_k, _batched(query)), window=checks.check_window(window_size),
+        softcap=checks.check_softcap(softcap),
+        alibi_slopes=_check_alibi(alibi_slopes, query),
+        sink=checks.check_sink(sink, query.shape[-3], query.device),
     )
     out = dispatch.run(call, checks.check_backend(backend))
     return out.squeeze(0) if query.dim() == 3 else out
@@ -155,6 +181,9 @@ def attention_weights(
     length_scale: float | torch.Tensor | None = None,
     causal_offset: int | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention weights `p` of :func:`scaled_dot_product_attention` (no dropout), computed
     by the reference: ``(B, Hq, Nq, Nk)`` (or ``(Hq, Nq, Nk)``) in float32, or float64 for
@@ -168,10 +197,16 @@ def attention_weights(
         _batched(query), _batched(key), _batched(key), normalizer=checks.check_normalizer(normalizer),
         alpha=checks.check_alpha(alpha), scale=checks.check_scale(scale), causal_offset=causal_offset,
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
-        attn_mask=attn_mask, window=checks.check_window(window_size),
+        attn_mask=attn_mask, window=checks.check_window(window_size), softcap=checks.check_softcap(softcap),
+        alibi_slopes=_check_alibi(alibi_slopes, query),
+        sink=checks.check_sink(sink, query.shape[-3], query.device),
     )
     weights = reference.weights(call)
     return weights.squeeze(0) if query.dim() == 3 else weights
+
+
+def _check_alibi(alibi_slopes, query: torch.Tensor):
+    return checks.check_alibi_slopes(alibi_slopes, query.shape[-3], _batched(query).shape[0], query.device)
 
 
 def _batched(t: torch.Tensor) -> torch.Tensor:

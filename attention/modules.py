@@ -76,14 +76,19 @@ class ScaledDotProductAttention(nn.Module):
         causal_offset: int | str | None = None,
         seqused_k: torch.Tensor | None = None,
         window_size: tuple[int, int] | None = None,
+        softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        sink: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` -> ``(B, Hq, Nq, Dv)``;
-        ``causal_offset`` (``"bottom_right"`` when decoding with a KV cache), ``seqused_k`` and
-        ``window_size`` as :func:`longattn.scaled_dot_product_attention`."""
+        ``causal_offset`` (``"bottom_right"`` when decoding with a KV cache), ``seqused_k``,
+        ``window_size``, ``softcap``, ``alibi_slopes`` and ``sink`` as
+        :func:`longattn.scaled_dot_product_attention`."""
         return scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             normalizer=self.normalizer, alpha=self.alpha, length_scale=self.length_scale,
-            causal_offset=causal_offset, seqused_k=seqused_k, window_size=window_size, backend=self.backend,
+            causal_offset=causal_offset, seqused_k=seqused_k, window_size=window_size, softcap=softcap,
+            alibi_slopes=alibi_slopes, sink=sink, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -32,7 +32,8 @@ def attention(call: AttentionCall) -> torch.Tensor:
 
 def weights(call: AttentionCall) -> torch.Tensor:
     """The attention weights `(B, Hq, Nq, Nk)` of a dense call, in the compute dtype; a row
-    with no key to attend to is 0."""
+    with no key to attend to is 0. With a sink, its logit joins each row's and takes its share
+    of the weight, which goes to no value: the keys' weights sum to less than 1."""
     compute_dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
     q, k = call.query.to(compute_dtype), call.key.to(compute_dtype)
     k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # query head h reads key head h // group
@@ -44,10 +45,20 @@ def weights(call: AttentionCall) -> torch.Tensor:
     if call.length_scale is not None:
         scores = scores * length_factor(call.length_scale, allowed, q.shape[-3], compute_dtype)
     logits = call.scale * scores
+    if call.softcap is not None:  # Gemma 2's cap, before any bias
+        logits = call.softcap * torch.tanh(logits / call.softcap)
     if bias is not None:
         logits = logits + bias
+    if call.alibi_slopes is not None:
+        logits = logits + alibi_bias(call.alibi_slopes, call.alibi_offset, 0, n_q, 0, n_k, compute_dtype)
 
     empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key: output 0, gradient 0
+    if call.sink is not None:  # one more logit per row, the head's (0 in the empty rows: any will do)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        sink = call.sink.to(compute_dtype).view(-1, 1, 1).expand(*logits.shape[:-1], 1).masked_fill(empty,
+                                                                                                    0.0)
+        probs = call.normalizer.normalize(torch.cat((logits, sink), dim=-1), call.alpha)[..., :n_k]
+        return probs.masked_fill(empty, 0.0)
     logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
     if logits.numel() == 0:
         return logits.clone()
@@ -83,6 +94,15 @@ def float_mask_allows(attn_mask: torch.Tensor) -> torch.Tensor:
     not counted in `n_i`, on every backend, whatever the mask's and the inputs' dtypes. A NaN
     entry is not masked: it makes its row NaN, as any NaN logit does."""
     return ~(attn_mask <= torch.finfo(attn_mask.dtype).min)
+
+
+def alibi_bias(slopes, offset, r0, r1, k0, k1, dtype):
+    """ALiBi's bias (Press et al. 2022) of rows `r0:r1` and keys `k0:k1`, `-slope_h * |j - i -
+    offset|` (flash-attn's form, symmetric about the diagonal `j = i + offset`), as `(Bs, Hq,
+    rows, keys)` from `(Bs, Hq)` slopes."""
+    rows = torch.arange(r0, r1, device=slopes.device).view(-1, 1)
+    distance = (torch.arange(k0, k1, device=slopes.device).view(1, -1) - rows - offset).abs()
+    return -slopes.to(dtype)[:, :, None, None] * distance.to(dtype)
 
 
 def length_factor(length_scale, allowed, num_heads, dtype):

@@ -25,6 +25,9 @@ def varlen_attention(
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Attention over a batch of documents packed along one axis, each attending only to itself.
@@ -71,10 +74,12 @@ def varlen_attention(
             inside custom ops, its gradients first-order only), and wrong offsets or hints below
             the true maximum give wrong results. Without both, the offsets are read and checked
             (one sync), and a hint below the true maximum raises ``ValueError``.
-        is_causal, causal_offset, scale, normalizer, alpha, length_scale, window_size: as
-            :func:`longattn.scaled_dot_product_attention`, per document (the window centred on
-            the document's causal diagonal: bottom-right with ``causal_offset="bottom_right"``,
-            top-left otherwise).
+        is_causal, causal_offset, scale, normalizer, alpha, length_scale, window_size, softcap, sink:
+            as :func:`longattn.scaled_dot_product_attention`, per document (the window centred
+            on the document's causal diagonal: bottom-right with
+            ``causal_offset="bottom_right"``, top-left otherwise).
+        alibi_slopes: as there, ``(Hq,)`` or ``(num_docs, Hq)``, the distances counted from each
+            document's causal diagonal, as the window's.
         backend: as :func:`longattn.scaled_dot_product_attention`. ``"triton"`` covers every
             normalizer in float16, bfloat16 and float32; ``"flash"`` softmax and SSMax in 16 bits
             (an int ``causal_offset`` only where every document is known to have as many
@@ -106,7 +111,10 @@ def varlen_attention(
         query, key, value, normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
         length_scale=checks.check_length_scale(length_scale, query.shape[1], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, docs=docs,
-        window=checks.check_window(window_size),
+        window=checks.check_window(window_size), softcap=checks.check_softcap(softcap),
+        alibi_slopes=checks.check_alibi_slopes(alibi_slopes, query.shape[1], cu_seqlens_q.numel() - 1,
+                                               query.device),
+        sink=checks.check_sink(sink, query.shape[1], query.device),
     )
     return dispatch.run(call, checks.check_backend(backend))
 

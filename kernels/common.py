@@ -121,6 +121,34 @@ def window_args(window_offset: int | None, Nq: int, Nk: int, from_end: bool = Fa
     return True, _clamp_offset(window_offset, Nq, Nk, from_end)
 
 
+def logit_modifiers(softcap: float | None, alibi_slopes: torch.Tensor | None, alibi_offset: int | None,
+                    B: int, Hq: int, Nq: int, Nk: int, from_end: bool, unit: float, device) -> dict:
+    """The kernels' softcap and ALiBi arguments, in their logit units: softmax's base 2 (`unit =
+    log2 e`) or entmax's `x = (alpha - 1) z` (`unit = alpha - 1`), which scale the cap and the
+    slopes alike (`c tanh(z / c)` in units `u` is `uc tanh(uz / uc)`). The slopes become a
+    contiguous fp32 `(B, Hq)` tensor (B counts documents in varlen mode); the diagonal is only
+    bounded to +-2^30, keeping the int32 distances in range (clamping it to the lengths, as
+    `causal_args` clamps, would move a sink's weight)."""
+    has_alibi = alibi_slopes is not None
+    slopes = None
+    if has_alibi:
+        slopes = (alibi_slopes.detach().to(device, torch.float32).reshape(-1, Hq) * unit).expand(B, Hq)
+        slopes = slopes.contiguous()
+    return {
+        "softcap": 0.0 if softcap is None else float(softcap) * unit, "alibi": slopes,
+        "alibi_offset": max(-(1 << 30), min(alibi_offset or 0, 1 << 30)) if has_alibi else 0,
+        "HAS_SOFTCAP": softcap is not None, "HAS_ALIBI": has_alibi,
+    }
+
+
+def sink_vector(sink: torch.Tensor | None, num_heads: int, device) -> torch.Tensor | None:
+    """None, or attention sinks as the kernels read them: a contiguous fp32 `(Hq,)` tensor of
+    logits (natural units; each kernel converts to its own)."""
+    if sink is None:
+        return None
+    return sink.detach().to(device, torch.float32).reshape(num_heads).contiguous()
+
+
 def _clamp_offset(offset: int, Nq: int, Nk: int, from_end: bool) -> int:
     """`offset` in `[-Nq, Nk]`, which changes no row. Counted from each document's end, the
     kernels add `n_k - n_q` to it: `[-Nk, Nq]` (the packed lengths bound every document's) is the
@@ -223,6 +251,19 @@ def check_window_size(window_size) -> tuple[int, int] | None:
     return None if tuple(window_size) == (-1, -1) else (window_size[0], window_size[1])
 
 
+def check_modifiers(q: torch.Tensor, softcap, alibi_slopes, sink, batch: int) -> None:
+    """The entries' softcap (a finite number above 0), ALiBi slopes (`(Hq,)` or `(batch, Hq)`)
+    and sink (`(Hq,)`); `attention/checks.py` checks the public API's more fully."""
+    heads = q.shape[1]
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be None or a finite number above 0; got {softcap!r}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}); got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if sink is not None and tuple(sink.shape) != (heads,):
+        raise ValueError(f"sink must have shape ({heads},); got {tuple(sink.shape)}")
+
+
 def default_scale(q: torch.Tensor, scale: float | None) -> float:
     """The logit scale, `D ** -0.5` unless given."""
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -233,11 +274,12 @@ def op_length_scale_grad(q: torch.Tensor, ds: torch.Tensor | None) -> torch.Tens
     return q.new_empty(0, dtype=torch.float32) if ds is None else ds
 
 
-def fake_gradients(q, k, v, length_scale):
+def fake_gradients(q, k, v, length_scale, sink=None):
     """What a backward op returns, as its fake implementation: `dq`, `dk`, `dv` like the inputs
-    and the `(Hq,)` fp32 `ds` (empty without length scaling)."""
+    and the `(Hq,)` fp32 `ds` and `dsink` (empty without length scaling, without a sink)."""
     ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
+    dsink = q.new_empty(0 if sink is None else q.shape[1], dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsink
 
 
 def vmap_by_loop(op):
@@ -309,6 +351,13 @@ def varlen_launch_args(ctx, cu_seqlens) -> tuple:
 def varlen_no_grads(ctx, cu_seqlens) -> tuple:
     """The trailing varlen arguments' gradients: None each."""
     return (None,) * (len(cu_seqlens) + len(ctx.varlen_scalars))
+
+
+def sink_grad(sink: torch.Tensor | None, dsink: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    """The sink's gradient as given (its shape and dtype) from the kernels' `(Hq,)` fp32 one."""
+    if sink is None or not needed:
+        return None
+    return dsink.to(sink.dtype)
 
 
 def save_length_scale_meta(ctx, length_scale) -> None:

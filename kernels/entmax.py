@@ -54,6 +54,7 @@ from .common import (
     MIN_ALPHA,
     causal_args,
     check_inputs,
+    check_modifiers,
     check_window_size,
     default_scale,
     device_capability,
@@ -65,11 +66,14 @@ from .common import (
     length_scale_grad,
     length_scale_grad_from_rows,
     length_scale_vector,
+    logit_modifiers,
     op_length_scale_grad,
     padded_dim,
     save_length_scale_meta,
     save_varlen_args,
     shapes,
+    sink_grad,
+    sink_vector,
     strides,
     tile_config,
     varlen_launch_args,
@@ -118,14 +122,19 @@ def entmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
     j <= i + causal_offset. `length_scale`: None, a float or a `()` / `(Hq,)` tensor. The Newton
     passes stop at `MAX_NEWTON_STEPS` (read at each call, as is the testing hook `BISECT_ONLY`).
     `seqused_k`: the key lengths, as `softmax_attention_fwd`'s (the tiles past them are never
-    visited and stay unflagged), and `window_offset`, a sliding window's left edge, likewise.
+    visited and stay unflagged), and `window_offset`, a sliding window's left edge, likewise;
+    `softcap` and ALiBi (`alibi_slopes`, `alibi_offset`) as `softmax_attention_fwd`'s. `sink`:
+    None or `(Hq,)` logits, one more term of every row's sum with no value (it joins the max
+    and the threshold search, its weight goes nowhere).
 
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and, for the backward, `row_max` and `tau`
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
@@ -147,6 +156,10 @@ def entmax_attention_fwd(
         return out, row_max, tau, tile_flags
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     has_window, window = window_args(window_offset, Nq, Nk, from_end)
+    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, alpha - 1.0,
+                           q.device)
+    alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
+    sink = sink_vector(sink, Hq, q.device)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
@@ -154,21 +167,24 @@ def entmax_attention_fwd(
         # flags' branches keep more alive than softmax's loop); 4 warps take 198-208, no spill.
         num_warps = 4
     capability = device_capability(q.device)
-    if ((varlen or seqused_k is not None) and capability is not None and capability < 90
+    modified = softcap is not None or alibi_slopes is not None or sink is not None
+    if ((varlen or seqused_k is not None or modified) and capability is not None and capability < 90
             and q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64):
         # Varlen before Hopper, D <= 64 in 16 bits: 4 warps left a 24-byte stack frame on sm_80
         # (alpha 1.25, causal, length scaling; 168 registers); 8 warps take 123, none. The
         # blocks, which the tile flags refer to, stay. Key lengths likewise (sparsemax, bf16:
-        # 128 registers and an 8-byte frame with 4 warps).
+        # 128 registers and an 8-byte frame with 4 warps), and softcapping, ALiBi and sinks
+        # (alpha 1.25, bf16: 168 registers and a 16-byte frame).
         num_warps = 8
     entmax_attention_fwd_kernel[(triton.cdiv(grid_nq, BLOCK_M), B * Hq)](
         q, k, v, out, row_max, tau, tile_flags, length_scale_vector(length_scale, Hq, q.device),
-        cu_seqlens_q, cu_seqlens_k, seqused_k,
+        cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink,
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
-        Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, window, *flags_shape[1:],
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, window, *modifier_args,
+        *flags_shape[1:],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, HAS_WINDOW=has_window,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), HAS_SINK=sink is not None, **mods,
         MAX_STEPS=MAX_NEWTON_STEPS, TOL=NEWTON_TOL, BISECT_ONLY=BISECT_ONLY,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -182,19 +198,26 @@ def entmax_attention_bwd(
     length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
     the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns
-    `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the gradient of the `(Hq,)` length scale in
-    fp32 (None without length scaling). Varlen, `seqused_k` and `window_offset` as in
-    `entmax_attention_fwd`, the tensors in its packed layouts (the keys outside them get
-    gradient 0)."""
+    `dq`, `dk`, `dv` in the inputs' dtypes, `ds`, the gradient of the `(Hq,)` length scale in
+    fp32 (None without length scaling), and `dsink`, the sink's (None without one). Varlen,
+    `seqused_k`, `window_offset`, `softcap`, ALiBi and `sink` as in `entmax_attention_fwd`, the
+    tensors in its packed layouts (the keys outside the first two get gradient 0; the slopes get
+    none)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     has_window, window = window_args(window_offset, Nq, Nk, from_end)
+    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, alpha - 1.0,
+                           q.device)
+    alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
+    sink = sink_vector(sink, Hq, q.device)
     s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     row_max, tau = row_max.float().contiguous(), tau.float().contiguous()
@@ -211,23 +234,26 @@ def entmax_attention_bwd(
     n_blocks = _tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
               "HAS_WINDOW": has_window, "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps,
-              "num_stages": num_stages}
-    scalars = (float(scale), float(alpha), offset, window)
+              "num_stages": num_stages, **mods}
+    scalars = (float(scale), float(alpha), offset, window, *modifier_args)
     qkv_strides = (*strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen))
 
     delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ds_row = None if s is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    dsink_row = None if sink is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     if B * Hq * grid_nq > 0:  # first: it stores delta for dK/dV
         row_grid = (triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)
         # dQ at D <= 64 in 16 bits: 4 warps spilled 8 bytes on sm_80 (uneven lengths, length
         # scaling); 8 warps take 170 registers and none
         dq_warps = 8 if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64 else num_warps
         entmax_attention_bwd_kernel_dq[row_grid](
-            q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k,
-            seqused_k, *qkv_strides, *strides(dq, varlen),
+            q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, s, cu_seqlens_q,
+            cu_seqlens_k,
+            seqused_k, alibi, sink, *qkv_strides, *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
-            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **{**common, "num_warps": dq_warps},
+            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, HAS_SINK=sink is not None,
+            **{**common, "num_warps": dq_warps},
         )
 
     # with key lengths, the key blocks past a batch's return at once: their dK, dV stay 0
@@ -246,19 +272,22 @@ def entmax_attention_bwd(
     # Varlen on Hopper, D = 128 in 16 bits: dK/dV spilled 8 bytes at 255 registers (alpha 1.25,
     # causal, length scaling) with 4 or 8 warps and 1-3 stages alike; streaming 16 query rows
     # rather than 32 takes 216, none, and keeps wgmma (64 keys held). 16 divides the flags'
-    # FLAG_BLOCK_M rows, so the flags still cover each streamed tile.
-    if (varlen and capability is not None and capability >= 90 and q.dtype != torch.float32
+    # FLAG_BLOCK_M rows, so the flags still cover each streamed tile. Softcapping and ALiBi
+    # likewise (24 bytes of stack at 255 registers, alpha 1.25, causal, length scaling, bf16).
+    modified = softcap is not None or alibi_slopes is not None
+    if ((varlen or modified) and capability is not None and capability >= 90 and q.dtype != torch.float32
             and max(BLOCK_D, BLOCK_DV) == 128):
         rows_streamed = 16
     if B * Hkv * grid_nk > 0:
         entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
             q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
-            seqused_k, *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
+            seqused_k, alibi, *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
             BLOCK_M=rows_streamed, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
             **common,
         )
-    return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen)
+    ds = None if s is None else length_scale_grad_from_rows(ds_row, varlen)
+    return dq, dk, dv, ds, None if sink is None else length_scale_grad_from_rows(dsink_row, varlen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,15 +301,18 @@ def _fwd_op(
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
+    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
-                                seqused_k=seqused_k, window_offset=window_offset)
+                                seqused_k=seqused_k, window_offset=window_offset, softcap=softcap,
+                                alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None, window_offset=None):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, *modifiers):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     flags = q.new_empty(_tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k), dtype=torch.int8)
     return (q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32),
@@ -294,20 +326,23 @@ def _bwd_op(
     length_scale: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, ds, dsink = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha,
+                                                 causal_offset,
                                           length_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                           max_seqlen_k, causal_from_end, seqused_k=seqused_k,
-                                          window_offset=window_offset)
-    return dq, dk, dv, op_length_scale_grad(q, ds)
+                                          window_offset=window_offset, softcap=softcap,
+                                          alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
+    return dq, dk, dv, op_length_scale_grad(q, ds), op_length_scale_grad(q, dsink)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
-      window_offset=None):
-    return fake_gradients(q, k, v, length_scale)
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, *modifiers):
+    return fake_gradients(q, k, v, length_scale, modifiers[-1] if len(modifiers) == 6 else None)
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -321,7 +356,8 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class EntmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd. `seqused_k` (dense mode's key
-    lengths) and `window_offset` may be None; the trailing arguments, `(cu_seqlens_q,
+    lengths), `window_offset`, `softcap`,
+    `alibi_slopes` and `alibi_offset` may be None; the trailing arguments, `(cu_seqlens_q,
     cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only.
     Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
     ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
@@ -331,38 +367,44 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, *varlen):
+    def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, softcap,
+                alibi_slopes, alibi_offset, sink, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
         return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen,
-                                                       seqused_k=seqused_k, window_offset=window_offset)
+                                                       seqused_k=seqused_k, window_offset=window_offset,
+                                                       softcap=softcap, alibi_slopes=alibi_slopes,
+                                                       alibi_offset=alibi_offset, sink=sink)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, *varlen = inputs
+        q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, softcap, alibi_slopes, \
+            alibi_offset, sink, *varlen = inputs
         _, row_max, tau, tile_flags = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k,
+        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink,
                               *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.alpha = scale, alpha
         ctx.causal_offset, ctx.window_offset = causal_offset, window_offset
+        ctx.softcap, ctx.alibi_offset = softcap, alibi_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.mark_non_differentiable(row_max, tau, tile_flags)
 
     @staticmethod
     def backward(ctx, dout, _drow_max, _dtau, _dflags):
-        q, k, v, row_max, tau, tile_flags, s, seqused_k, *cu_seqlens = ctx.saved_tensors
+        q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink, *cu_seqlens = ctx.saved_tensors
         # No graph through the op: custom ops wrap themselves for autograd in a Function
         # torch.func refuses. first_order_only gives the gradients theirs.
         with torch.no_grad():
-            dq, dk, dv, ds = torch.ops.longattn.entmax_attention_bwd(
+            dq, dk, dv, ds, dsink = torch.ops.longattn.entmax_attention_bwd(
                 dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
                 *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
+                softcap=ctx.softcap, alibi_slopes=alibi_slopes, alibi_offset=ctx.alibi_offset, sink=sink,
             )
-        dq, dk, dv, ds = first_order_only("longattn::entmax_attention_bwd", (dq, dk, dv, ds),
-                                          (dout, q, k, v, s))
+        dq, dk, dv, ds, dsink = first_order_only("longattn::entmax_attention_bwd", (dq, dk, dv, ds, dsink),
+                                                 (dout, q, k, v, s, sink))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[6])
-        return (dq, dk, dv, None, None, None, d_length_scale, None, None,
-                *varlen_no_grads(ctx, cu_seqlens))
+        return (dq, dk, dv, None, None, None, d_length_scale, None, None, None, None, None,
+                sink_grad(sink, dsink, ctx.needs_input_grad[12]), *varlen_no_grads(ctx, cu_seqlens))
 
 
 def _check_alpha(alpha) -> float:
@@ -384,6 +426,9 @@ def entmax_attention(
     length_scale: float | torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha-entmax attention (sparsemax at alpha = 2) by the tiled Triton kernels (the Triton
     interpreter on CPU, with `TRITON_INTERPRET=1` set before longattn is imported).
@@ -403,18 +448,23 @@ def entmax_attention(
             `()` / `(Hq,)` tensor that may require grad.
         seqused_k: the key lengths, as `softmax_attention`'s: int32 `(B,)`, batch b attending
             to its first `clamp(seqused_k[b], 0, Nk)` keys only.
-        window_size: a sliding window, as `softmax_attention`'s.
+        window_size, softcap, alibi_slopes, sink: a sliding window, logit soft-capping, ALiBi
+            and attention sinks, as `softmax_attention`'s; the sink enters the threshold search
+            like any other logit.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype. A row with no key gives 0 and gradient 0.
     """
     check_inputs(q, k, v)
+    check_modifiers(q, softcap, alibi_slopes, sink, q.shape[0])
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
-                                         seqused_k, window_offset)[0]
+                                         seqused_k, window_offset, softcap, alibi_slopes, alibi_offset,
+                                         sink)[0]
 
 
 def entmax_varlen_attention(
@@ -432,15 +482,21 @@ def entmax_varlen_attention(
     causal_offset: int | None = None,
     causal_from_end: bool = False,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha-entmax attention over packed documents (flash-attn's varlen layout): arguments as
     `softmax_varlen_attention`, plus `alpha` as `entmax_attention`. Returns `(total_q, Hq, Dv)`."""
     check_inputs(q, k, v, varlen=True)
+    check_modifiers(q, softcap, alibi_slopes, sink, cu_seqlens_q.numel() - 1)
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    alibi_offset = causal_offset or 0
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(
-        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None, window_offset,
+        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None, window_offset, softcap,
+        alibi_slopes, alibi_offset, sink,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )[0]

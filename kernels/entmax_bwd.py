@@ -11,15 +11,18 @@ import triton.language as tl
 
 from .entmax_fwd import ENTMAX_HEURISTICS, slopes, tile_logits
 from .program import (
+    alibi_slope,
     allowed_keys,
     head_row,
     key_end,
     key_start,
     load_tile,
+    modify_logits,
     program_prologue,
     query_range,
     row_scales,
     sequence_offset,
+    softcap_slope,
     store_tile,
 )
 
@@ -36,20 +39,22 @@ def _load_row_stats(row_max, tau, offs_m, mask_m):
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dkdv(
-    q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, n_qblocks, n_kblocks,
+    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, alibi_offset, softcap,
+    n_qblocks, n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     FLAG_BLOCK_M: tl.constexpr, FLAG_BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
@@ -57,9 +62,10 @@ def entmax_attention_bwd_kernel_dkdv(
     keys) are all clear."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in the row stats: (B, Hq, Nq), or (Hq, total_q) in varlen mode
-    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, window_offset,
-        BLOCK_N, True, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, _row, done = \
+        program_prologue(i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset,
+                         window_offset, alibi_offset, BLOCK_N, True, IS_VARLEN, HAS_KEY_LENGTHS,
+                         CAUSAL_FROM_END, HAS_WINDOW, HAS_ALIBI)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,6 +112,11 @@ def entmax_attention_bwd_kernel_dkdv(
                 # [BN, BM] = [BN, BD] @ [BD, BM]; rows past Nq have tau = +inf, so d = 0
                 x_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) \
                     * (f_scale * (alpha - 1.0))[None, :]
+                if HAS_SOFTCAP or HAS_ALIBI:
+                    x_raw = x_t
+                    x_t = modify_logits(x_t, offs_n[:, None] - rows[None, :] - alibi_offset,
+                                        alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), softcap, HAS_SOFTCAP,
+                                        HAS_ALIBI)
                 d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
                 if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
                     d_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, d_t, 0.0)
@@ -125,6 +136,8 @@ def entmax_attention_bwd_kernel_dkdv(
                     dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
                     # dz_ij = u_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
                     ds_t = u_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
+                    if HAS_SOFTCAP:  # through the cap, to the uncapped logits
+                        ds_t = ds_t * softcap_slope(x_raw, softcap)
                     b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
             q_h += BLOCK_M * stride_qm
             do_h += BLOCK_M * stride_dom
@@ -145,18 +158,21 @@ def entmax_attention_bwd_kernel_dkdv(
 
 @triton.jit
 def _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n, mask_d,
-                mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i, p,
+                mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i, p, u_sink,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope,
+                alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij, [BM]. sum_j u_ij v_j is not the output, so
-    it takes a key loop of its own."""
+    it takes a key loop of its own. `u_sink` [BM] (zeros without one) joins the denominator only:
+    the sink has no value."""
     uv = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    u_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    u_sum = u_sink
     for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
             d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
             b_v = load_tile(v + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
@@ -179,7 +195,8 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
              HAS_LENGTH_SCALE: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr,
-             HAS_WINDOW: tl.constexpr):
+             HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
+             HAS_ALIBI: tl.constexpr):
     """`sum_j dz_ij k_j` [BM, BD], dz_ij = u_ij (dP_ij - delta_i), and with length scaling
     `sum_j dz_ij q_i.k_j` [BM] (zeros otherwise)."""
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -189,14 +206,22 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
             mask_n = start_n + offs_n < Nk
             b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
             qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
-            d = tl.maximum((qk * x_scale[:, None] - m_i[:, None]) - t_i[:, None], 0.0)
+            x = qk * x_scale[:, None]
+            if HAS_SOFTCAP or HAS_ALIBI:
+                x = modify_logits(x, (start_n + offs_n)[None, :] - offs_m[:, None] - alibi_offset, head_slope,
+                                  softcap, HAS_SOFTCAP, HAS_ALIBI)
+            d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
             if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
                 allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
                                        EVEN_N, HAS_WINDOW)
                 d = tl.where(allowed, d, 0.0)
+            u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
+            if HAS_SOFTCAP:  # through the cap, to the uncapped logits, recomputed from qk and folded in
+                # before the dP dot: keeping them as a tile spilled on sm_80 (bf16, D = 128)
+                u = u * softcap_slope(qk * x_scale[:, None], softcap)
             b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
             dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
-            dz = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5) * (dp - b_delta[:, None])
+            dz = u * (dp - b_delta[:, None])
             b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
             if HAS_LENGTH_SCALE:
                 # Summed directly, not recovered from dQ: that would divide by f_i, 0 when n_i = 1.
@@ -209,27 +234,32 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dq(
-    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, s, cu_seqlens_q, cu_seqlens_k,
+    seqused_k,
+    alibi, sink,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, n_qblocks, n_kblocks,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, alibi_offset, softcap, n_qblocks,
+    n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
     ds_h, `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic).
     Both passes visit the flagged tiles only: the forward's blocks."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
-        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
+        program_prologue(i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset,
+                         window_offset, alibi_offset, BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS,
+                         CAUSAL_FROM_END, HAS_WINDOW, HAS_ALIBI)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -255,6 +285,7 @@ def entmax_attention_bwd_kernel_dq(
     f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
                                    HAS_LENGTH_SCALE, HAS_WINDOW)
     x_scale = f_scale * (alpha - 1.0)
+    head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
     p = 1.0 / (alpha - 1.0)
     n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     n_end = key_end(i_m, Nq, Nk, causal_offset, BLOCK_M)
@@ -263,15 +294,25 @@ def entmax_attention_bwd_kernel_dq(
         v += n_start.to(tl.int64) * stride_vn
     flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # the forward's blocks
 
+    # A sink's slope term u joins delta's denominator; its own gradient is u (0 - delta_i), the
+    # sink having no value (dP = 0), summed over rows on the host.
+    u_sink = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINK:
+        d_sink = tl.maximum((tl.load(sink + i_h) * (alpha - 1.0) - m_i) - t_i, 0.0)
+        u_sink = slopes(d_sink, p, ALPHA_IS_2, ALPHA_IS_1_5)
     b_delta = _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m,
                           offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i,
-                          p, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                          ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
+                          p, u_sink, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
+                          ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset, softcap,
+                          HAS_SOFTCAP, HAS_ALIBI)
     tl.store(delta + row + offs_m, b_delta, mask=mask_m)
+    if HAS_SINK:
+        tl.store(dsink_row + row + offs_m, -u_sink * b_delta, mask=mask_m)
     b_dq, b_ds = _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale,
                           offs_m, offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end,
                           m_i, t_i, p, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                          HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
+                          HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset,
+                          softcap, HAS_SOFTCAP, HAS_ALIBI)
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)

@@ -14,11 +14,13 @@ import triton.language as tl
 
 from .common import HEURISTICS
 from .program import (
+    alibi_slope,
     allowed_keys,
     key_end,
     key_start,
     keys_seen,
     load_tile,
+    modify_logits,
     program_prologue,
     row_scales,
     sequence_offset,
@@ -36,12 +38,16 @@ ENTMAX_HEURISTICS = {
 @triton.jit
 def tile_logits(b_q, p_k, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset, window_offset,
                 IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """`[BM, BN]` logits in entmax units of the key tile at `p_k` (keys `offs_n`), masked keys
-    at -inf."""
+                DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """`[BM, BN]` logits in entmax units of the key tile at `p_k` (keys `offs_n`), capped and
+    biased (`modify_logits`), masked keys at -inf."""
     b_k = load_tile(p_k, offs_n < Nk, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
     # [BM, BN] = [BM, BD] @ [BD, BN]
     x = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * x_scale[:, None]
+    if HAS_SOFTCAP or HAS_ALIBI:
+        x = modify_logits(x, offs_n[None, :] - offs_m[:, None] - alibi_offset, head_slope, softcap,
+                          HAS_SOFTCAP, HAS_ALIBI)
     if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
         allowed = allowed_keys(offs_m, offs_n, Nk, causal_offset, window_offset, IS_CAUSAL, EVEN_N,
                                HAS_WINDOW)
@@ -80,13 +86,15 @@ def slopes(d, p, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
 def _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
                   window_offset, n_start, n_end,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
-                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope,
+                  alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """The row max, and which rows hold a NaN logit (tl.maximum would pass over it); [BM] each."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     has_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
     for start_n in range(n_start, n_end, BLOCK_N):
         x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                        window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                        window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
+                        alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
         m_i = tl.maximum(m_i, tl.max(x, 1))
         has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), 1))
         k += BLOCK_N * stride_kn
@@ -98,7 +106,8 @@ def _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask
                  window_offset, n_start, n_end, m_i, t, t_left, p, first, block_has_nan,
                  TOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                 ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope,
+                 alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """`mass = sum_j d^p` and `slope = sum_j d^(p-1)` of `d = [x - m - t]_+`, [BM] each, over the
     flagged tiles (every tile on the `first` pass); each visited tile's flag is rewritten: clear
     when all its weights are zero at `t_left`."""
@@ -107,7 +116,8 @@ def _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask
     for start_n in range(n_start, n_end, BLOCK_N):
         if first | (tl.load(flags + start_n // BLOCK_N) != 0):
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # masked keys: -inf -> 0
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
             mass += tl.sum(u * d, 1)
@@ -152,16 +162,21 @@ def _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n,
                       window_offset, n_start, n_end, m_i, t,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr):
-    """alpha = 1.5: on the support S found by the Newton passes, sum_S (x_j - m - tau)^2 = 1 is a
-    quadratic; returns its root, the exact tau."""
+                      HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
+                      HAS_ALIBI: tl.constexpr, x_sink, HAS_SINK: tl.constexpr):
+    """alpha = 1.5: on the support S found by the Newton passes (a sink's logit `x_sink` among
+    its terms), sum_S (x_j - m - tau)^2 = 1 is a quadratic; returns its root, the exact tau."""
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     size = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINK:
+        d_sink = tl.maximum((x_sink - m_i) - t, 0.0)
+        s1, s2, size = s1 + d_sink, s2 + d_sink * d_sink, size + (d_sink > 0).to(tl.float32)
     for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)
             s1 += tl.sum(d, 1)
             s2 += tl.sum(d * d, 1)
@@ -178,7 +193,8 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr):
     """`acc = sum_j d_j^p v_j` [BM, BDV] and `l = sum_j d_j^p` [BM] over the tiles still flagged,
     clearing the flag of each that holds no weight at the final tau: the flags left for the
     backward mark exactly the tiles with a non-zero weight."""
@@ -187,7 +203,8 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
     for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                            window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # empty rows: t = +inf -> 0
             live = (tl.max(tl.max(d, 1), 0) > 0) | block_has_nan
             if live:
@@ -206,23 +223,25 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_fwd_kernel(
-    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, n_qblocks, n_kblocks,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, alibi_offset, softcap, n_qblocks,
+    n_kblocks,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_STEPS: tl.constexpr, TOL: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BISECT_ONLY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, BISECT_ONLY: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
-        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
+        program_prologue(i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset,
+                         window_offset, alibi_offset, BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS,
+                         CAUSAL_FROM_END, HAS_WINDOW, HAS_ALIBI)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -245,6 +264,7 @@ def entmax_attention_fwd_kernel(
     f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
                             HAS_LENGTH_SCALE, HAS_WINDOW)
     x_scale = f_scale * (alpha - 1.0)  # [BM], logits in entmax units
+    head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
     p = 1.0 / (alpha - 1.0)  # the weights are d ** p
     # every pass streams the key tiles [n_start, n_end): the causal rule's and the window's
     n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
@@ -256,7 +276,14 @@ def entmax_attention_fwd_kernel(
 
     m_i, has_nan = _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk,
                                  causal_offset, window_offset, n_start, n_end, BLOCK_M, BLOCK_N, IS_CAUSAL,
-                                 EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                                 EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope, alibi_offset, softcap,
+                                 HAS_SOFTCAP, HAS_ALIBI)
+    # A sink is one more logit of every row, with no value: it joins the max, each pass's sums
+    # and the output's normalizer, and leaves the tiles and their flags alone.
+    x_sink = 0.0
+    if HAS_SINK:
+        x_sink = tl.load(sink + i_h) * (alpha - 1.0)
+        m_i = tl.maximum(m_i, x_sink)
     # A row with a NaN logit gives NaN, as the definition does, and so does one whose max is +inf
     # or, with keys to see, -inf: x - max is NaN at the max (inf - inf), which the clamp
     # [.]_+ (a NaN-dropping maximum) would turn into weight 0, so that the row passed for empty.
@@ -275,7 +302,7 @@ def entmax_attention_fwd_kernel(
     # step that leaves the bracket by more than rounding is replaced by bisection. In exact
     # arithmetic none does, so it costs no pass. Rows past Nq (padding) and rows without keys
     # start at t = +inf and stay there: all their d are 0, so they flag no tile.
-    n_keys = tl.maximum(n_seen, 1).to(tl.float32)
+    n_keys = tl.maximum(n_seen + HAS_SINK, 1).to(tl.float32)  # the terms of the sum, the sink's too
     active = mask_m & (m_i > float("-inf")) & ~nan_row
     m_i = tl.where(m_i > float("-inf"), m_i, 0.0)  # a row with no key: saved as 0 (and tau +inf)
     t = tl.where(active, -1.0, float("inf"))
@@ -291,7 +318,12 @@ def entmax_attention_fwd_kernel(
         mass, slope = _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk,
                                    causal_offset, window_offset, n_start, n_end, m_i, t, t_left, p,
                                    n_steps == 0, block_has_nan, TOL, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N,
-                                   EVEN_D, DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
+                                   EVEN_D, DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope,
+                                   alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_SINK:
+            d_sink = tl.maximum((x_sink - m_i) - t, 0.0)
+            u_sink = slopes(d_sink, p, ALPHA_IS_2, ALPHA_IS_1_5)
+            mass, slope = mass + u_sink * d_sink, slope + u_sink
         tl.debug_barrier()  # this pass's flags are read by other threads of the program in the next
         t, lo, hi, t_left, step_max = _newton_step(t, lo, hi, mass, slope, active, p, TOL, BLOCK_M,
                                                    ALPHA_IS_2, ALPHA_IS_1_5, BISECT_ONLY)
@@ -300,12 +332,17 @@ def entmax_attention_fwd_kernel(
     if ALPHA_IS_1_5:
         t = _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk,
                               causal_offset, window_offset, n_start, n_end, m_i, t, BLOCK_M, BLOCK_N,
-                              IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW)
+                              IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope, alibi_offset,
+                              softcap, HAS_SOFTCAP, HAS_ALIBI, x_sink, HAS_SINK)
 
     acc, l_i = _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n,
                             mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t, p,
                             block_has_nan, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D,
-                            DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW)
+                            DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset,
+                            softcap, HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_SINK:  # its weight, in the normalizer only
+        d_sink = tl.maximum((x_sink - m_i) - t, 0.0)
+        l_i += slopes(d_sink, p, ALPHA_IS_2, ALPHA_IS_1_5) * d_sink
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rounding leaves l a few ulps off 1; empty rows stay 0
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     b_o = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])

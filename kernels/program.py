@@ -26,8 +26,9 @@ def doc_span(cu_seqlens_q, cu_seqlens_k, i_doc):
 
 @triton.jit
 def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROUP, Nq, Nk, causal_offset,
-                     window_offset, BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                     window_offset, alibi_offset, BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Where the program with ids `(i_blk, i_bh)` works: the one prologue of every kernel.
 
     A query-block program (forward, dQ; `KEY_BLOCKS` false) holds block `i_blk` of the rows of
@@ -36,7 +37,8 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
     and `H = Hkv`; its `i_h` is the group's first query head. In varlen mode the batch index is
     the document (the batch strides are 0).
 
-    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done)`:
+    Returns `(i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row,
+    done)`:
     - `bos_q`, `bos_k`: the sequence's first query row and key in the packed layout (int64; 0
       when dense), for the base pointers (`sequence_offset`);
     - `Nq`, `Nk`: the sequence's lengths (the document's in varlen mode); with `HAS_KEY_LENGTHS`
@@ -48,7 +50,8 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
       document's is `causal_offset + Nk - Nq`, clamped to `[-Nq, Nk]` as the launchers clamp
       (`causal_args`), which changes no row;
     - `window_offset`: the sliding window's left edge, key j allowed for row i iff
-      `j >= i + window_offset` (with `HAS_WINDOW`), moved to the document's corner as the
+      `j >= i + window_offset` (with `HAS_WINDOW`), and ALiBi's diagonal, distances
+      `|j - i - alibi_offset|` (with `HAS_ALIBI`), both moved to the document's corner as the
       causal offset is;
     - `row`: head `i_h`'s first row in the per-row statistics (`head_row`);
     - `done`: the block starts past the document's end (the grid spans the longest document; a
@@ -73,6 +76,8 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
             causal_offset = tl.maximum(tl.minimum(causal_offset + Nk - Nq, Nk), -Nq)
             if HAS_WINDOW:
                 window_offset = tl.maximum(tl.minimum(window_offset + Nk - Nq, Nk), -Nq)
+            if HAS_ALIBI:  # not clamped: the distances, hence a sink's share, depend on it exactly
+                alibi_offset = alibi_offset + Nk - Nq
     else:
         if HAS_KEY_LENGTHS:  # the launchers zero-fill dK, dV for the key blocks that return here
             Nk = tl.minimum(tl.maximum(tl.load(seqused_k + i_b), 0), Nk)
@@ -82,7 +87,7 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
             row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
         else:
             row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
-    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done
+    return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done
 
 
 @triton.jit
@@ -173,6 +178,43 @@ def allowed_keys(offs_m, offs_n, Nk, causal_offset, window_offset, IS_CAUSAL: tl
     if HAS_WINDOW:
         allowed = allowed & (offs_n[None, :] >= offs_m[:, None] + window_offset)
     return allowed
+
+
+@triton.jit
+def tanh(x):
+    """`1 - 2 / (e^2x + 1)`: exact at +-inf, and no libdevice call (the interpreter has none)."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 / ln 2
+
+
+@triton.jit
+def alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI: tl.constexpr):
+    """Head `i_h`'s ALiBi slope for batch (or document) `i_b`, in the kernel's logit units (the
+    launcher scaled the `(B, Hq)` slopes); 0 without ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi + i_b.to(tl.int64) * Hq + i_h)
+    return slope
+
+
+@triton.jit
+def modify_logits(x, distance, slope, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """The logits `x = c_i q.k` of a tile, capped and biased as the reference does: `softcap *
+    tanh(x / softcap)` (Gemma 2), then `- slope * |distance|` (ALiBi; `distance = j - i -
+    alibi_offset` in the tile's layout). `softcap` and `slope` are in the kernel's own units (the
+    launchers scaled them: base 2 for softmax, entmax's alpha - 1), where both rules look alike."""
+    if HAS_SOFTCAP:
+        x = softcap * tanh(x / softcap)
+    if HAS_ALIBI:
+        x = x - slope * tl.abs(distance).to(tl.float32)
+    return x
+
+
+@triton.jit
+def softcap_slope(x, softcap):
+    """`d cap(x) / dx = 1 - tanh^2(x / softcap)` of the uncapped logits `x`: the backward's
+    factor from the capped logits' gradient to theirs."""
+    t = tanh(x / softcap)
+    return 1.0 - t * t
 
 
 @triton.jit

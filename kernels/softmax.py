@@ -41,6 +41,7 @@ from .common import (
     HEURISTICS,
     causal_args,
     check_inputs,
+    check_modifiers,
     check_window_size,
     default_scale,
     dot_precision,
@@ -51,11 +52,14 @@ from .common import (
     length_scale_grad,
     length_scale_grad_from_rows,
     length_scale_vector,
+    logit_modifiers,
     op_length_scale_grad,
     padded_dim,
     save_length_scale_meta,
     save_varlen_args,
     shapes,
+    sink_grad,
+    sink_vector,
     strides,
     tile_config,
     varlen_launch_args,
@@ -66,21 +70,25 @@ from .common import (
 )
 from .common import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: longattn.kernels.softmax.MAX_HEAD_DIM
 from .program import (
+    alibi_slope,
     allowed_keys,
     head_row,
     key_end,
     key_start,
     keys_seen,
     load_tile,
+    modify_logits,
     program_prologue,
     query_range,
     row_scales,
     sequence_offset,
+    softcap_slope,
     store_tile,
 )
 
 LOG2E = tl.constexpr(math.log2(math.e))  # logits go to base 2 so the kernels can use exp2
 LN2 = tl.constexpr(math.log(2.0))
+LOG2E_FLOAT = math.log2(math.e)  # the host's, for the launchers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,22 +100,24 @@ LN2 = tl.constexpr(math.log(2.0))
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_fwd_kernel(
-    q, k, v, o, lse, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, o, lse, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset, alibi_offset, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
-        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
+        program_prologue(i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset,
+                         window_offset, alibi_offset, BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS,
+                         CAUSAL_FROM_END, HAS_WINDOW, HAS_ALIBI)
     if done:
         return
     q += sequence_offset(i_b, i_h, bos_q, stride_qb, stride_qh, stride_qm)
@@ -131,9 +141,13 @@ def softmax_attention_fwd_kernel(
     f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
                                   HAS_LENGTH_SCALE, HAS_WINDOW)
     row_scale = f_scale * LOG2E  # [BM], logits in base 2
+    head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(z - m_i)
+    if HAS_SINK:  # the sink's logit starts every row's sums: exp2(sink - max) = 1, no value
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sink + i_h) * LOG2E
+        l_i += 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     if HAS_WINDOW:  # the tiles left of the window are never loaded
@@ -145,6 +159,9 @@ def softmax_attention_fwd_kernel(
         b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
         # [BM, BN] = [BM, BD] @ [BD, BN]
         z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * row_scale[:, None]
+        if HAS_SOFTCAP or HAS_ALIBI:
+            distance = (start_n + offs_n)[None, :] - offs_m[:, None] - alibi_offset
+            z = modify_logits(z, distance, head_slope, softcap, HAS_SOFTCAP, HAS_ALIBI)
         if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
             allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
                                    EVEN_N, HAS_WINDOW)
@@ -186,8 +203,8 @@ def softmax_attention_bwd_preprocess_kernel(
     """delta_i = sum_d dO_id O_id, the row term of the softmax gradient."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     # row-wise, so varlen runs it over the packed rows as one sequence: never IS_VARLEN
-    i_b, i_h, _, bos_q, _, _, _, _, _, row, _ = program_prologue(
-        i_m, i_bh, None, None, None, Hq, 1, Nq, 0, 0, 0, BLOCK_M, False, False, False, False, False)
+    i_b, i_h, _, bos_q, _, _, _, _, _, _, row, _ = program_prologue(
+        i_m, i_bh, None, None, None, Hq, 1, Nq, 0, 0, 0, 0, BLOCK_M, False, False, False, False, False, False)
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < Nq)[:, None] & (offs_dv < Dv)[None, :]
@@ -213,27 +230,29 @@ def _load_row_stats(lse, delta, offs_m, mask_m):
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dkdv(
-    q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset,
+    Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset, alibi_offset, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     stride_rows_h = Nq  # a head's rows in lse, delta: (B, Hq, Nq), or (Hq, total_q) in varlen mode
-    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, _row, done = program_prologue(
-        i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset, window_offset,
-        BLOCK_N, True, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
+    i_b, i_h0, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, _row, done = \
+        program_prologue(i_n, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hkv, GROUP, Nq, Nk, causal_offset,
+                         window_offset, alibi_offset, BLOCK_N, True, IS_VARLEN, HAS_KEY_LENGTHS,
+                         CAUSAL_FROM_END, HAS_WINDOW, HAS_ALIBI)
     if done:
         return
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,7 +291,13 @@ def softmax_attention_bwd_kernel_dkdv(
                                     HAS_LENGTH_SCALE, HAS_WINDOW)
             # [BN, BM] = [BN, BD] @ [BD, BM]
             qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
-            p_t = tl.exp2(qk_t * (f_scale * LOG2E)[None, :] - b_lse[None, :])
+            z_t = qk_t * (f_scale * LOG2E)[None, :]
+            if HAS_SOFTCAP or HAS_ALIBI:
+                z_raw = z_t
+                z_t = modify_logits(z_t, offs_n[:, None] - rows[None, :] - alibi_offset,
+                                    alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), softcap, HAS_SOFTCAP,
+                                    HAS_ALIBI)
+            p_t = tl.exp2(z_t - b_lse[None, :])
             if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
                 p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
             if HAS_WINDOW:
@@ -283,6 +308,8 @@ def softmax_attention_bwd_kernel_dkdv(
             dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
             # dz_ij = P_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
             ds_t = p_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
+            if HAS_SOFTCAP:  # through the cap, to the uncapped logits
+                ds_t = ds_t * softcap_slope(z_raw, softcap)
             b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
             q_h += BLOCK_M * stride_qm
             do_h += BLOCK_M * stride_dom
@@ -298,25 +325,27 @@ def softmax_attention_bwd_kernel_dkdv(
 @triton.heuristics(HEURISTICS)
 @triton.jit
 def softmax_attention_bwd_kernel_dq(
-    q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset,
+    Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset, alibi_offset, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, row, done = program_prologue(
-        i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset, window_offset,
-        BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW)
+    i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
+        program_prologue(i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset,
+                         window_offset, alibi_offset, BLOCK_M, False, IS_VARLEN, HAS_KEY_LENGTHS,
+                         CAUSAL_FROM_END, HAS_WINDOW, HAS_ALIBI)
     if done:
         return
     k += sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn)
@@ -341,6 +370,7 @@ def softmax_attention_bwd_kernel_dq(
     f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
                                   HAS_LENGTH_SCALE, HAS_WINDOW)
     row_scale = f_scale * LOG2E
+    head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
@@ -353,13 +383,20 @@ def softmax_attention_bwd_kernel_dq(
         b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
         b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
-        p = tl.exp2(qk * row_scale[:, None] - b_lse[:, None])
+        z = qk * row_scale[:, None]
+        if HAS_SOFTCAP or HAS_ALIBI:
+            z_raw = z
+            distance = (start_n + offs_n)[None, :] - offs_m[:, None] - alibi_offset
+            z = modify_logits(z, distance, head_slope, softcap, HAS_SOFTCAP, HAS_ALIBI)
+        p = tl.exp2(z - b_lse[:, None])
         if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
             allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
                                    EVEN_N, HAS_WINDOW)
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN] = [BM, BDV] @ [BDV, BN]
         dz = p * (dp - b_delta[:, None])
+        if HAS_SOFTCAP:  # through the cap, to the uncapped logits
+            dz = dz * softcap_slope(z_raw, softcap)
         b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
         if HAS_LENGTH_SCALE:
             # Summed directly, not recovered from dQ: that would divide by f_i, 0 when n_i = 1.
@@ -384,7 +421,9 @@ def softmax_attention_fwd(
     causal_offset: int | None, length_scale=None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides.
     `causal_offset`: None (no mask) or key j allowed for row i iff j <= i + causal_offset.
@@ -395,6 +434,11 @@ def softmax_attention_fwd(
     `window_offset`: None, or a sliding window's left edge, key j allowed for row i iff
     `j >= i + window_offset` (its right edge is part of `causal_offset`); the tiles outside it
     are skipped.
+    `softcap`: None or `c`, the logits `z` capped to `c tanh(z / c)` before any bias (Gemma 2).
+    `alibi_slopes`: None or `(Hq,)` / `(B, Hq)` slopes, `-slope_h |j - i - alibi_offset|` added
+    to the logits (flash-attn's ALiBi), computed in the kernel.
+    `sink`: None or `(Hq,)` logits, one more term of every row's softmax with no value (gpt-oss):
+    the lse counts it, so a row's weights on its keys sum to less than 1.
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and the natural-log `lse` (B, Hq, Nq) in fp32.
 
     Varlen, with `cu_seqlens_q`, `cu_seqlens_k` (int32, `(num_docs + 1,)`, checked by the caller)
@@ -413,16 +457,20 @@ def softmax_attention_fwd(
         return out, lse
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     has_window, window = window_args(window_offset, Nq, Nk, from_end)
+    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, LOG2E_FLOAT,
+                           q.device)
+    alibi = mods.pop("alibi")
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
     softmax_attention_fwd_kernel[grid](
         q, k, v, out, lse, length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
-        seqused_k, *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
+        seqused_k, alibi, sink_vector(sink, Hq, q.device), *strides(q, varlen), *strides(k, varlen),
+        *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, HAS_WINDOW=has_window,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), HAS_SINK=sink is not None, **mods,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -434,19 +482,26 @@ def softmax_attention_bwd(
     length_scale=None, dlse: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `softmax_attention_fwd` from the upstream `do` (and `dlse`, the gradient of
     the lse, if any). `out` and `lse` may come from elsewhere, e.g. merged over key shards: P is
-    recomputed as exp(z - lse). Returns `dq`, `dk`, `dv` in the inputs' dtypes and `ds`, the
-    gradient of the `(Hq,)` length scale in fp32 (None without length scaling). Varlen as in
-    `softmax_attention_fwd`, the tensors in its packed layouts; `seqused_k` and `window_offset`
-    as there (the keys outside them get gradient 0)."""
+    recomputed as exp(z - lse). Returns `dq`, `dk`, `dv` in the inputs' dtypes, `ds`, the
+    gradient of the `(Hq,)` length scale in fp32 (None without length scaling), and `dsink`, the
+    sink's, `-sum_i exp(sink - lse_i) delta_i` (None without one). Varlen as in
+    `softmax_attention_fwd`, the tensors in its packed layouts; `seqused_k`, `window_offset`,
+    `softcap` and the ALiBi arguments as there (the keys outside the first two get gradient 0;
+    the slopes get none)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     has_window, window = window_args(window_offset, Nq, Nk, from_end)
+    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, LOG2E_FLOAT,
+                           q.device)
+    alibi = mods.pop("alibi")
     s = length_scale_vector(length_scale, Hq, q.device)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
@@ -456,7 +511,7 @@ def softmax_attention_bwd(
     )
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
               "HAS_WINDOW": has_window, "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps,
-              "num_stages": num_stages}
+              "num_stages": num_stages, **mods}
 
     # delta is row-wise: varlen runs it over the packed rows as one sequence, (1, Hq, total_q).
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -474,7 +529,7 @@ def softmax_attention_bwd(
     dv = new_grad(v.shape, dtype=v.dtype, device=v.device)
     if B * Hkv * grid_nk > 0:
         softmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, BLOCK_HELD), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            q, k, v, do, lse, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
@@ -485,13 +540,18 @@ def softmax_attention_bwd(
     ds_row = None if s is None else torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     if B * Hq * grid_nq * D > 0:
         softmax_attention_bwd_kernel_dq[(triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)](
-            q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k,
+            q, k, v, do, lse, delta, dq, ds_row, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi,
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
             BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
         )
-    return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen)
+    dsink = None
+    if sink is not None:  # d out_i / d sink = -p_sink,i out_i, so dsink = -sum_i p_sink,i delta_i
+        sink_rows = sink_vector(sink, Hq, q.device).view(-1, 1)  # against (B, Hq, Nq) or (Hq, total_q)
+        p_sink = torch.exp(sink_rows - lse).masked_fill(lse == float("-inf"), 0.0)  # no weight at all: 0
+        dsink = length_scale_grad_from_rows(-p_sink * delta, varlen)
+    return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen), dsink
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,15 +565,18 @@ def _fwd_op(
     length_scale: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
+    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale,
                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
-                                 seqused_k=seqused_k, window_offset=window_offset)
+                                 seqused_k=seqused_k, window_offset=window_offset, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, causal_offset, length_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None, window_offset=None):
+      max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, *modifiers):
     out_shape, row_shape = forward_shapes(q, v, cu_seqlens_q is not None)
     return q.new_empty(out_shape), q.new_empty(row_shape, dtype=torch.float32)
 
@@ -525,19 +588,24 @@ def _bwd_op(
     length_scale: torch.Tensor | None, dlse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
-    seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse,
-                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           causal_from_end, seqused_k=seqused_k, window_offset=window_offset)
-    return dq, dk, dv, op_length_scale_grad(q, ds)
+    seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
+    sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, ds, dsink = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale,
+                                                  dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                  max_seqlen_k,
+                                                  causal_from_end, seqused_k=seqused_k,
+                                                  window_offset=window_offset, softcap=softcap,
+                                                  alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
+                                                  sink=sink)
+    return dq, dk, dv, op_length_scale_grad(q, ds), op_length_scale_grad(q, dsink)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
-      window_offset=None):
-    return fake_gradients(q, k, v, length_scale)
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, *modifiers):
+    return fake_gradients(q, k, v, length_scale, modifiers[-1] if len(modifiers) == 6 else None)
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -551,7 +619,8 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
-    `seqused_k` (dense mode's key lengths) and `window_offset` may be None; the trailing
+    `seqused_k` (dense mode's key lengths), `window_offset`, `softcap`, `alibi_slopes` and
+    `alibi_offset` may be None; the trailing
     arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are
     given in varlen mode only. Forward and `setup_context` apart, as torch.func needs; its vmap
     rule is generated from the ops' (`vmap_by_loop`)."""
@@ -559,37 +628,45 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, *varlen):
+    def forward(q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, softcap, alibi_slopes,
+                alibi_offset, sink, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
         return torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen,
-                                                        seqused_k=seqused_k, window_offset=window_offset)
+                                                        seqused_k=seqused_k, window_offset=window_offset,
+                                                        softcap=softcap, alibi_slopes=alibi_slopes,
+                                                        alibi_offset=alibi_offset, sink=sink)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, *varlen = inputs
+        q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, softcap, alibi_slopes, \
+            alibi_offset, sink, *varlen = inputs
         out, lse = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, out, lse, s, seqused_k, *save_varlen_args(ctx, tuple(varlen)))
+        ctx.save_for_backward(q, k, v, out, lse, s, seqused_k, alibi_slopes, sink,
+                              *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.causal_offset, ctx.window_offset = scale, causal_offset, window_offset
+        ctx.softcap, ctx.alibi_offset = softcap, alibi_offset
         save_length_scale_meta(ctx, length_scale)
         ctx.set_materialize_grads(False)  # so an unused lse costs nothing in the backward
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, s, seqused_k, *cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse, s, seqused_k, alibi_slopes, sink, *cu_seqlens = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         # No graph through the op: custom ops wrap themselves for autograd in a Function
         # torch.func refuses. first_order_only gives the gradients theirs.
         with torch.no_grad():
-            dq, dk, dv, ds = torch.ops.longattn.softmax_attention_bwd(
+            dq, dk, dv, ds, dsink = torch.ops.longattn.softmax_attention_bwd(
                 dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
                 *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
+                softcap=ctx.softcap, alibi_slopes=alibi_slopes, alibi_offset=ctx.alibi_offset, sink=sink,
             )
-        dq, dk, dv, ds = first_order_only("longattn::softmax_attention_bwd", (dq, dk, dv, ds),
-                                          (dout, dlse, q, k, v, out, lse, s))
+        dq, dk, dv, ds, dsink = first_order_only("longattn::softmax_attention_bwd", (dq, dk, dv, ds, dsink),
+                                                 (dout, dlse, q, k, v, out, lse, s, sink))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[5])
-        return dq, dk, dv, None, None, d_length_scale, None, None, *varlen_no_grads(ctx, cu_seqlens)
+        return (dq, dk, dv, None, None, d_length_scale, None, None, None, None, None,
+                sink_grad(sink, dsink, ctx.needs_input_grad[11]), *varlen_no_grads(ctx, cu_seqlens))
 
 
 def softmax_attention(
@@ -603,6 +680,9 @@ def softmax_attention(
     return_lse: bool = False,
     seqused_k: torch.Tensor | None = None,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ):
     """Softmax attention by the tiled Triton kernels (the Triton interpreter on CPU, with
     `TRITON_INTERPRET=1` set before longattn is imported).
@@ -627,18 +707,27 @@ def softmax_attention(
         window_size: a sliding window, flash-attn's `(left, right)`: keys
             `i + c - left <= j <= i + c + right`, `c` the causal offset (0 without one), -1 for
             a side without bound. Only the key tiles inside it are visited.
+        softcap: None or `c > 0`: the logits `z` (after the scale and length scaling) become
+            `c * tanh(z / c)` (Gemma 2), with its gradient.
+        alibi_slopes: None or a float `(Hq,)` / `(B, Hq)` tensor: `-slope_h * |j - i - c|` is
+            added to the logits (flash-attn's ALiBi, `c` as for the window), in the kernel. The
+            slopes get no gradient.
+        sink: None or a float `(Hq,)` tensor: one more logit per head in every row's softmax,
+            with no value (gpt-oss's attention sinks); it may require grad.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype (and the lse). A row with no key gives 0 (lse -inf) and
         gradient 0.
     """
     check_inputs(q, k, v)
+    check_modifiers(q, softcap, alibi_slopes, sink, q.shape[0])
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k,
-                                              window_offset)
+                                              window_offset, softcap, alibi_slopes, alibi_offset, sink)
     return (out, lse) if return_lse else out
 
 
@@ -657,6 +746,9 @@ def softmax_varlen_attention(
     causal_offset: int | None = None,
     causal_from_end: bool = False,
     window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ):
     """Softmax attention over packed documents (flash-attn's varlen layout) by the same kernels.
 
@@ -675,20 +767,24 @@ def softmax_varlen_attention(
         causal_from_end: with a causal mask, the offset counts from each document's bottom-right
             corner instead, `j <= i + causal_offset + n_k - n_q` (`is_causal=True,
             causal_from_end=True` is flash-attn's varlen causal mask).
-        window_size: as `softmax_attention`, per document, around its causal diagonal (from
-            its bottom-right corner with `causal_from_end`).
+        window_size, softcap, alibi_slopes, sink: as `softmax_attention`, per document, around its
+            causal diagonal (from its bottom-right corner with `causal_from_end`); the slopes
+            `(Hq,)` or `(num_docs, Hq)`.
 
     Returns:
         `(total_q, Hq, Dv)` in q's dtype (and the lse). Document d's queries see document d's
         keys only; a row with no key gives 0 (lse -inf) and gradient 0.
     """
     check_inputs(q, k, v, varlen=True)
+    check_modifiers(q, softcap, alibi_slopes, sink, cu_seqlens_q.numel() - 1)
     scale = default_scale(q, scale)
     if causal_offset is None and is_causal:
         causal_offset = 0
+    alibi_offset = causal_offset or 0
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     out, lse = SoftmaxAttentionFunction.apply(
-        q, k, v, scale, causal_offset, length_scale, None, window_offset,
+        q, k, v, scale, causal_offset, length_scale, None, window_offset, softcap, alibi_slopes,
+        alibi_offset, sink,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )
     return (out, lse) if return_lse else out

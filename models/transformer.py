@@ -111,13 +111,6 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64) / n_head)
 
 
-def alibi_bias(slopes: torch.Tensor, query_pos: torch.Tensor, n_keys: int, dtype) -> torch.Tensor:
-    """`-slope_h * (i - j)` as a float mask (H, Tq, Nk) added to the logits; future keys (j > i)
-    are left to the causal mask, so their bias is 0 here."""
-    distance = query_pos[:, None] - torch.arange(n_keys, device=query_pos.device)[None, :]  # (Tq, Nk)
-    return (-slopes.to(query_pos.device)[:, None, None] * distance.clamp(min=0)).to(dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # The KV cache
 
@@ -206,29 +199,30 @@ class Attention(nn.Module):
         k = rotate(k, positions, c.rotary_dim, c.rope_base)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        n_keys = k.shape[2]
-        bias = alibi_bias(self.slopes, positions, n_keys, q.dtype) if c.positional == "alibi" else None
         # Query row i sits at position start + i: it may see keys j <= i + start (bottom-right),
-        # so SSMax's n_i is the same whether the prefix came from the cache or not.
+        # so SSMax's n_i is the same whether the prefix came from the cache or not. ALiBi's
+        # distances, `i + start - j`, count from that diagonal too: the kernels compute them.
         gqa = self.n_head != self.n_kv_head
-        offset = n_keys - x.shape[1]
+        offset = k.shape[2] - x.shape[1]
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
-        y = self.attend(q, k, v, bias, enable_gqa=gqa, causal_offset=offset, window_size=window)
+        slopes = self.slopes if c.positional == "alibi" else None
+        y = self.attend(q, k, v, enable_gqa=gqa, causal_offset=offset, window_size=window,
+                        alibi_slopes=slopes)
         weights = None
         if rows is not None:
-            weights = self.weights_of_rows(q, k, bias, offset, [r - start for r in rows], window)
+            weights = self.weights_of_rows(q, k, offset, [r - start for r in rows], window, slopes)
         return self.out_proj(rearrange(y, "b h t d -> b t (h d)")), weights
 
     @torch.no_grad()
-    def weights_of_rows(self, q, k, bias, offset: int, rows: list[int], window=None) -> torch.Tensor:
+    def weights_of_rows(self, q, k, offset: int, rows: list[int], window=None, slopes=None) -> torch.Tensor:
         """Attention weights of query rows `rows` (indices into `q`), (B, Hq, len(rows), Nk),
         computed in float64."""
         a = self.attend
         out = [
             attention_weights(
-                q[:, :, r:r + 1].double(), k.double(), None if bias is None else bias[:, r:r + 1].double(),
-                enable_gqa=self.n_head != self.n_kv_head, causal_offset=offset + r, normalizer=a.normalizer,
-                alpha=a.alpha, length_scale=a.length_scale, window_size=window,
+                q[:, :, r:r + 1].double(), k.double(), enable_gqa=self.n_head != self.n_kv_head,
+                causal_offset=offset + r, normalizer=a.normalizer, alpha=a.alpha, length_scale=a.length_scale,
+                window_size=window, alibi_slopes=slopes,
             )
             for r in rows
         ]

@@ -243,3 +243,34 @@ def test_readme_states_the_capability_tables():
     (`longattn.attention.dispatch.capability_table()`)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert dispatch.capability_table() in readme
+
+
+def _feature_call(feature, device):
+    """A small call using `feature` (one of `backends.FEATURES`) and nothing else beyond SDPA's."""
+    dtype = torch.float64 if feature == "float64" else torch.float32
+    q, k = torch.randn(2, 2, 5, 16, dtype=dtype, device=device), torch.randn(2, 2, 7, 16, dtype=dtype,
+                                                                             device=device)
+    kwargs = {
+        "causal_offset": dict(causal_offset=3), "window_size": dict(window=(2, -1)),
+        "seqused_k": dict(seqused_k=torch.tensor([3, 7], dtype=torch.int32, device=device)),
+        "attn_mask": dict(attn_mask=torch.rand(5, 7, device=device) > 0.5), "dropout_p": dict(dropout_p=0.1),
+        "softcap": dict(softcap=2.0), "alibi_slopes": dict(alibi_slopes=torch.rand(1, 2, device=device)),
+        "sink": dict(sink=torch.zeros(2, device=device)), "float64": {},
+    }[feature]
+    return _call(q, k, k, **kwargs)
+
+
+@pytest.mark.parametrize("feature", backends.FEATURES)
+def test_declared_features_are_what_verify_decides(feature):
+    """The README's keyword table (`Backend.features`) says what each backend's `verify` does:
+    "yes" where it takes a call with that keyword, "no" where it refuses it naming the keyword
+    (the reference and torch paths, and the kernels where they run here; flash-attn's needs a
+    GPU, and its mapping has tests of its own above)."""
+    for backend in (backends.REFERENCE, backends.TORCH, backends.TRITON):
+        device = KERNEL_DEVICE if backend is backends.TRITON else "cpu"
+        reason = dispatch.why_not(backend, _feature_call(feature, device))
+        if backend.features[feature] == "yes":
+            assert reason == "", (backend.name, feature, reason)
+        else:
+            assert backend.features[feature] == "no" and feature.split("_")[0] in reason, (backend.name,
+                                                                                           reason)

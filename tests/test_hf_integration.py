@@ -374,24 +374,78 @@ def test_triton_backend_runs_what_the_kernels_serve(normalizer):
 # What it refuses
 
 
-def test_refuses_what_would_change_the_model():
-    """Gemma 2's logit soft-capping and gpt-oss's sinks are not longattn's yet: they raise.
-    output_attentions warns and returns no weights, as SDPA's implementation does."""
+def test_gemma2_soft_capping_is_eagers():
+    """Gemma 2's logit soft-capping (and its sliding layers, window 4 of 9 tokens) reaches the
+    call as `softcap`: longattn's softmax gives the logits of transformers' eager attention."""
     config = transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_logit_softcapping=50.0,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_logit_softcapping=1.0,
+        sliding_window=4,
     )
-    name = longattn_hf.register("longattn_test")
-    gemma = AutoModelForCausalLM.from_config(config, attn_implementation=name)
-    ids = torch.randint(3, VOCAB, (1, 6))
-    with pytest.raises(ValueError, match="softcap=50.0"):
-        gemma(ids)
+    name = longattn_hf.register("longattn_gemma", backend="torch")
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # large logits and values, so that the cap and the weights show in the output
+        for layer in eager.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.mul_(20.0)
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation(name)
+    uncapped_config = copy.deepcopy(config)
+    uncapped_config.attn_logit_softcapping = None
+    uncapped = AutoModelForCausalLM.from_config(uncapped_config, attn_implementation=name).eval()
+    uncapped.load_state_dict(eager.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+        assert (uncapped(ids).logits - eager(ids).logits).abs().max() > 1e-2  # the cap is felt
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gpt_oss_sinks_are_eagers(packed):
+    """gpt-oss's learned sinks (`s_aux`) and its sliding layers reach the call as `sink` and a
+    window: longattn's softmax gives the logits of transformers' eager attention, packed
+    documents each their own, and the sinks get their gradient."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+        max_position_embeddings=64, sliding_window=4, rope_parameters={"rope_type": "default",
+                                                                       "rope_theta": 1e4},
+    )
+    name = longattn_hf.register("longattn_sinks", backend="torch")
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # large logits and sinks, so that both show in the output
+        for layer in eager.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.mul_(10.0)
+            layer.self_attn.sinks.copy_(torch.linspace(-2.0, 3.0, 4))
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation(name)
+    if packed:
+        docs, batch = packed_batch([7, 5], return_flash_attn_kwargs=True)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        got = ours(**inputs).logits[0]
+        want = torch.cat([eager(torch.tensor([d["input_ids"]])).logits[0] for d in docs])
+    else:
+        ids = torch.randint(3, VOCAB, (2, 9))
+        got, want = ours(ids).logits, eager(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    for a, b in zip(ours.model.layers, eager.model.layers, strict=True):
+        torch.testing.assert_close(a.self_attn.sinks.grad, b.self_attn.sinks.grad, rtol=1e-4, atol=1e-6)
+        assert a.self_attn.sinks.grad.abs().max() > 0
+
+
+def test_refuses_what_would_change_the_model():
+    """T5's position bias is not longattn's yet: it raises. output_attentions warns and returns
+    no weights, as SDPA's implementation does."""
+    longattn_hf.register("longattn_test")
     llama = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="longattn_test")
     layer = llama.model.layers[0].self_attn
     q, kv = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
     attention = transformers.AttentionInterface()["longattn_test"]
-    with pytest.raises(ValueError, match="attention sinks"):
-        attention(layer, q, kv, kv, None, s_aux=torch.zeros(4))
     with pytest.raises(ValueError, match="position_bias"):
         attention(layer, q, kv, kv, None, position_bias=torch.zeros(1, 4, 6, 6))
     with pytest.warns(UserWarning, match="output_attentions"):

@@ -12,8 +12,10 @@ built. Both modes are built: dense `(B, H, N, D)` launches (`_cases`) and varlen
 `cu_seqlens_k`, so IS_VARLEN is set and EVEN_M / EVEN_N are not), whose per-document bounds
 cost registers of their own and which get some launch choices of their own, and dense ones with
 key lengths (`_key_length_cases`: `seqused_k`, so HAS_KEY_LENGTHS is set, EVEN_N is not, and
-each program reads its batch's key bound), and sliding windows (`_window_cases`: HAS_WINDOW,
-whose loops start at the window's first tile and whose masks test a second bound). Each recorded
+each program reads its batch's key bound), and sliding windows (HAS_WINDOW,
+whose loops start at the window's first tile and whose masks test a second bound) together with
+softcapping, ALiBi and sinks (`_modifier_cases`: HAS_SOFTCAP, HAS_ALIBI and HAS_SINK, a tanh
+and a distance per logit, a cap factor in the backward and one more term per row). Each recorded
 argument is specialised as Triton's JIT does at a real launch (see `_specialise`), then
 compiled by `triton.compile` in worker processes that import the kernels with
 TRITON_INTERPRET=0 (the interpreter's kernels cannot be compiled) and a fresh cache.
@@ -252,24 +254,40 @@ def _key_length_cases():
         yield "entmax", d, LENGTHS["even"], False, False, 2.0, ["bf16"]
 
 
-def _window_cases():
-    """The same tuples for runs with a sliding window of 256 keys: dense softmax and entmax at
-    alpha 1.25 (the pow), causal and length-scaled, uneven; and varlen entmax with the window
-    counted from each document's end (the most bounds alive at once)."""
+ALL_MODIFIERS = ("softcap", "alibi", "sink")
+
+
+def _modifier_cases():
+    """A sliding window of 256 keys with softcapping, ALiBi and sinks, causal and length-scaled:
+    dense softmax with all of them at once; for entmax at alpha 1.25 (the pow), the combinations
+    models use, Gemma 2's window and cap with gpt-oss's sink (dense, uneven) and ALiBi with a
+    sink beside a window counted from each document's end (varlen). All four at once with
+    length scaling in entmax's dQ takes 255 registers and 8 bytes of stack on sm_80 (bf16,
+    D = 128), the one combination left out: no model we know combines them."""
     for d in HEAD_DIMS:
-        yield "softmax", d, LENGTHS["uneven"], True, True, None, ["fp16"]
-        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
-        yield "entmax", d, DOCUMENTS, True, True, 1.25, ["bf16"]
+        yield "softmax", d, LENGTHS["uneven"], True, True, None, ["fp16"], {"window": True,
+                                                                             "modifiers": ALL_MODIFIERS}
+        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["bf16"], {"window": True,
+                                                                            "modifiers": ("softcap", "sink")}
+        yield "entmax", d, DOCUMENTS, True, True, 1.25, ["fp16"], {"window": True, "modifiers": ("alibi",
+                                                                                                 "sink")}
 
 
-def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, window=False):
+def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, window=False, modifiers=()):
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
     runtime value rather than the constexpr 1 that Hq == Hkv gives. `n` is a length (dense
     `(1, H, n, d)` inputs) or a tuple of document lengths (varlen: packed `(total, H, d)` inputs,
     cu_seqlens the same for queries and keys). `key_lengths`: dense, with `seqused_k`. `window`:
-    a sliding window's left edge 256 keys back (varlen: counted from each document's end)."""
+    a sliding window's left edge 256 keys back (varlen: counted from each document's end).
+    `modifiers`: which of a softcap, ALiBi slopes and sinks (`ALL_MODIFIERS`)."""
     module = _module(family)
     extra = {"window_offset": -256} if window else {}
+    if "softcap" in modifiers:
+        extra["softcap"] = 30.0
+    if "alibi" in modifiers:
+        extra.update(alibi_slopes=torch.tensor([0.5, 0.25]), alibi_offset=0)
+    if "sink" in modifiers:
+        extra["sink"] = torch.tensor([0.5, -1.0])
 
     def call():
         varlen = ()
@@ -311,7 +329,7 @@ def builds(tmp_path_factory):
     for sm in SHARED_LIMIT:
         runs = [(case, {}) for case in (*_cases(), *_varlen_cases())]
         runs += [(case, {"key_lengths": True}) for case in _key_length_cases()]
-        runs += [(case, {"window": True}) for case in _window_cases()]
+        runs += [(case[:-1], case[-1]) for case in _modifier_cases()]
         for (family, d, n, causal, scaled, alpha, dtype_names), switches in runs:
             call = _launcher_call(family, d, n, causal, scaled, alpha, **switches)
             launches += [(family, *b, sm) for b in record_launches(_module(family), call, dtype_names, sm)]

@@ -162,6 +162,22 @@ def test_key_lengths_are_for_dense_inputs_only():
         softmax_attention_fwd(q[None], q[None], q[None], 0.25, None, seqused_k=used.long()[:1])
 
 
+def opcheck_kernel_ops(q, k, v, s, kwargs):
+    """torch.library.opcheck (schema, fake implementations) of the four kernel ops, causal offset
+    3 and length scale `s`, with the keyword arguments `kwargs`."""
+    out, lse = softmax_attention_fwd(q, k, v, 0.25, 3, s, **kwargs)
+    _, row_max, tau, flags = entmax_attention_fwd(q, k, v, 0.25, 1.5, 3, s, **kwargs)
+    for op, args in [
+        (torch.ops.longattn.softmax_attention_fwd, (q, k, v, 0.25, 3, s)),
+        (torch.ops.longattn.softmax_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, 0.25, 3, s,
+                                                    None)),
+        (torch.ops.longattn.entmax_attention_fwd, (q, k, v, 0.25, 1.5, 3, s)),
+        (torch.ops.longattn.entmax_attention_bwd,
+         (torch.randn_like(out), q, k, v, row_max, tau, flags, 0.25, 1.5, 3, s)),
+    ]:
+        torch.library.opcheck(op, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_custom_ops_opcheck_and_compile_with_key_lengths():
     """The ops' schemas take `seqused_k` (opcheck: schema, fake implementations), and
     torch.compile(fullgraph=True) traces both entries with it, forward and backward (the AOT
@@ -170,17 +186,7 @@ def test_custom_ops_opcheck_and_compile_with_key_lengths():
     s = (0.5 + torch.rand(4)).to(DEVICE)
     used = torch.tensor([5, 40], dtype=torch.int32, device=DEVICE)
     kwargs = {"seqused_k": used}
-    out, lse = softmax_attention_fwd(q, k, v, 0.25, 3, s, seqused_k=used)
-    _, row_max, tau, flags = entmax_attention_fwd(q, k, v, 0.25, 1.5, 3, s, seqused_k=used)
-    for op, args in [
-        (torch.ops.longattn.softmax_attention_fwd, (q, k, v, 0.25, 3, s)),
-        (torch.ops.longattn.softmax_attention_bwd,
-         (torch.randn_like(out), q, k, v, out, lse, 0.25, 3, s, None)),
-        (torch.ops.longattn.entmax_attention_fwd, (q, k, v, 0.25, 1.5, 3, s)),
-        (torch.ops.longattn.entmax_attention_bwd,
-         (torch.randn_like(out), q, k, v, row_max, tau, flags, 0.25, 1.5, 3, s)),
-    ]:
-        torch.library.opcheck(op, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+    opcheck_kernel_ops(q, k, v, s, kwargs)
 
     leaves_ = [t.clone().requires_grad_() for t in (q, k, v, s)]
 

@@ -75,14 +75,19 @@ def test_sliding_window_layers(normalizer, alpha, length_scale):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
 
 
-def test_sliding_window_on_triton_backend():
-    """The window reaches the kernels as a window, not a mask (they take none)."""
+def test_sliding_window_and_alibi_on_triton_backend():
+    """The window and ALiBi reach the kernels as a window and slopes, not as a mask (they take
+    none), prefill and decoding with a KV cache alike."""
     device = "cpu" if INTERPRET else "cuda"
     idx = torch.randint(0, 41, (1, 21), device=device)
     for normalizer, alpha, length_scale in (("ssmax", 1.5, 0.7), ("entmax", 1.3, 0.6)):
-        ref = make_model(normalizer, alpha, length_scale, backend="reference", sliding_window=6).float()
-        out = make_model(normalizer, alpha, length_scale, backend="triton", sliding_window=6).float()
-        assert relative_error(out.to(device)(idx), ref.to(device)(idx)) < 1e-5
+        kw = dict(positional="alibi", sliding_window=6)
+        ref = make_model(normalizer, alpha, length_scale, backend="reference", **kw).float().to(device)
+        out = make_model(normalizer, alpha, length_scale, backend="triton", **kw).float().to(device)
+        assert relative_error(out(idx), ref(idx)) < 1e-5
+        cache = out.new_cache()
+        steps = torch.cat([out(idx[:, :15], cache)] + [out(idx[:, t:t + 1], cache) for t in range(15, 21)], 1)
+        assert relative_error(steps, ref(idx)) < 1e-5
 
 
 @pytest.mark.parametrize("positional", POSITIONAL)

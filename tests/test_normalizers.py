@@ -143,6 +143,8 @@ DOC_CASES = [
     (1, 4, 2, 9, 7, 8, 5, None, False, 2, None, [5], (1, 2)),  # a window around a shifted diagonal
     (2, 2, 2, 9, 9, 8, 5, "bool", False, None, "tensor", None, (2, 4)),  # a two-sided window, not causal
 ]
+# (softcap, ALiBi slopes' shape) beside some of the cases above, by index
+MODIFIERS = {0: (1.5, None), 1: (None, "heads"), 2: (2.5, "batch"), 6: (0.7, "heads"), 7: (None, "batch")}
 
 
 @pytest.mark.parametrize("normalizer,alpha", NORMALIZER_CASES)
@@ -150,6 +152,9 @@ DOC_CASES = [
 def test_docstring_code_is_the_reference(normalizer, alpha, case):
     """The docstring's equivalent code equals the reference backend in float64, to 1e-10."""
     B, Hq, Hkv, Nq, Nk, D, Dv, mask_kind, is_causal, offset, s, lengths, window = case
+    softcap, slopes = MODIFIERS.get(DOC_CASES.index(case), (None, None))
+    slopes = {"heads": torch.rand(Hq, dtype=torch.float64), "batch": torch.rand(B, Hq, dtype=torch.float64),
+              None: None}[slopes]
     q = 2 * torch.randn(B, Hq, Nq, D, dtype=torch.float64)
     k, v = torch.randn(B, Hkv, Nk, D, dtype=torch.float64), torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
     mask = make_mask(mask_kind, (B, 1, Nq, Nk))
@@ -160,7 +165,7 @@ def test_docstring_code_is_the_reference(normalizer, alpha, case):
     s = 0.3 + torch.rand(Hq, dtype=torch.float64) if s == "tensor" else s
     kwargs = dict(attn_mask=mask, is_causal=is_causal, normalizer=normalizer, alpha=alpha, length_scale=s,
                   causal_offset=offset, seqused_k=None if lengths is None else torch.tensor(lengths),
-                  window_size=window)
+                  window_size=window, softcap=softcap, alibi_slopes=slopes)
     got = _docstring_attention()(q, k, v, **kwargs)
     ref = longattn.scaled_dot_product_attention(q, k, v, **kwargs, enable_gqa=Hq != Hkv, backend="reference")
     assert got.isfinite().all()

@@ -150,7 +150,7 @@ def test_torch_path_reads_only_the_keys_in_each_blocks_window(monkeypatch):
     assert sum(r for r, _ in widths) == n
     assert all(w <= r + window[0] for r, w in widths)
 
-    blocks = chunked._Blocks(torch.randn(1, 1, n, 16), None, None, 0, -63, 1.0, 1.5, 1, n, 0.0, 0)
+    blocks = chunked._Blocks(torch.randn(1, 1, n, 16), None, None, None, 0, -63, 1.0, 1.5, 1, n, 0.0, 0)
     spans = [blocks.keys(r0, r1) for _, _, _, r0, r1 in blocks.bounds]
     assert all(k1 - k0 <= (r1 - r0) + 63 for (k0, k1), (_, _, _, r0, r1) in zip(spans, blocks.bounds))
     assert sum(k1 - k0 for k0, k1 in spans) < 2 * n + 63 * len(spans)

@@ -26,9 +26,10 @@ What transformers hands an attention function, and what this one does with it:
 - `sliding_window` with no mask (transformers skipped it: causal prefill, decoding) becomes the
   same `window_size`, so it reaches the kernels without a dense mask.
 - Grouped-query heads go as they are (`enable_gqa`): K and V are never repeated.
-- `softcap`, attention sinks (`s_aux`) and `position_bias` change the logits in ways longattn does
-  not (yet): they raise rather than run a different model. `output_attentions=True` warns and
-  returns no weights, as SDPA's implementation does.
+- `softcap` (Gemma 2's logit soft-capping) goes to the call's `softcap`, attention sinks
+  (`s_aux`, gpt-oss's learned per-head logits) to its `sink`, with their gradient.
+  `position_bias` (T5's learned relative bias) raises rather than run a different model.
+  `output_attentions=True` warns and returns no weights, as SDPA's implementation does.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def _attend(settings, module, query, key, value, attention_mask, dropout, scalin
     """query `(B, Hq, Nq, D)`, key and value `(B, Hkv, Nk, D)`; returns `((B, Nq, Hq, Dv), None)`."""
     _refuse_what_changes_the_logits(kwargs)
     options = {"normalizer": settings.normalizer, "alpha": settings.alpha, "backend": settings.backend,
-               "length_scale": _length_scale(settings, module), "scale": scaling}
+               "length_scale": _length_scale(settings, module), "scale": scaling,
+               "softcap": kwargs.get("softcap"), "sink": kwargs.get("s_aux")}
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     window = kwargs.get("sliding_window")
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
@@ -188,12 +190,6 @@ def _documents(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torc
 
 
 def _refuse_what_changes_the_logits(kwargs) -> None:
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"softcap={kwargs['softcap']} (logit soft-capping, as in Gemma 2) is not supported "
-                         "by longattn's attention yet; running without it would change the model")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("attention sinks (s_aux, as in gpt-oss) are not supported by longattn's attention "
-                         "yet; running without them would change the model")
     if kwargs.get("position_bias") is not None:
         raise ValueError("position_bias (a learned relative bias, as in T5) is not supported by longattn's "
                          "transformers integration; running without it would change the model")
