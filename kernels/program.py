@@ -145,7 +145,8 @@ def key_end(i_m, Nq, Nk, causal_offset, BLOCK_M: tl.constexpr):
 def key_start(i_m, Nk, window_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The first key tile any row of query block `i_m` may see (a multiple of BLOCK_N): with a
     window, the tiles before it are skipped, so a program visits `(BLOCK_M + w) / BLOCK_N`
-    tiles, not `Nk / BLOCK_N`. Past the last key when no row sees any (the loop is then empty)."""
+    tiles, not `Nk / BLOCK_N`. Where no row sees any key, the loop is empty or visits one tile
+    the masks leave empty."""
     start = 0
     if HAS_WINDOW:
         start = tl.minimum(tl.maximum(i_m * BLOCK_M + window_offset, 0), Nk) // BLOCK_N * BLOCK_N
