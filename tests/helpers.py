@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from conftest import KERNEL_ATOL
-from oracles import rel_err
+from oracles import grads, rel_err
 
 
 def allowed_keys(n_q: int, n_k: int, causal_offset: int | None) -> torch.Tensor:
@@ -42,6 +42,31 @@ def leaves(args, dtype=None):
 def tensors(args):
     """The tensors among `args` (a length scale may be a float)."""
     return [t for t in args if torch.is_tensor(t)]
+
+
+def kernel_leaves(B, Hq, Hkv, Nq, Nk, D, Dv, device, dtype, scaled):
+    """Random q, k, v leaves in `dtype` on `device` and, when `scaled`, a `(Hq,)` fp32 length scale."""
+    q = torch.randn(B, Hq, Nq, D).to(device, dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Nk, D).to(device, dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Nk, Dv).to(device, dtype).requires_grad_()
+    s = (0.5 + torch.rand(Hq)).to(device).requires_grad_() if scaled else None
+    return q, k, v, s
+
+
+def check_kernel_call(out, inputs, reference, dtype, names, baseline=None):
+    """The kernels' output `out` of `inputs` (leaves) and the gradients of every input, named
+    `names`, under the tolerance rule: against `reference(args)` on float64 copies, with the same
+    in `dtype` as the baseline (or `baseline(args)`, the definition materialised in 16 bits,
+    where the reference's upcast would make the baseline too good). Returns the kernels' grads."""
+    base_args, ref_args = leaves(inputs, dtype), leaves(inputs, torch.float64)
+    base, ref = (baseline or reference)(base_args), reference(ref_args)
+    check_rule(out.detach().cpu(), base.detach(), ref.detach(), dtype, "out")
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    got = grads(out, inputs, do.to(out.device, dtype))
+    g_base, g_ref = grads(base, base_args, do.to(dtype)), grads(ref, ref_args, do)
+    for name, g, g_b, g_r in zip(names, got, g_base, g_ref, strict=True):
+        check_rule(g.cpu(), g_b, g_r, dtype, name)
+    return got
 
 
 def check_rule(x, x_base, x_ref, dtype, what, atol=None):

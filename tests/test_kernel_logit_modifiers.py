@@ -14,8 +14,7 @@ from longattn.kernels.entmax import entmax_attention
 from longattn.kernels.softmax import softmax_attention
 
 from conftest import INTERPRET, KERNEL_DEVICE
-from helpers import check_rule, leaves, window_keys
-from oracles import grads
+from helpers import check_kernel_call, check_rule, kernel_leaves, leaves, window_keys
 
 DEVICE = KERNEL_DEVICE
 if not INTERPRET and not torch.cuda.is_available():
@@ -68,11 +67,8 @@ def plain_softmax(q, k, v, s, sink, softcap, slopes, causal_offset, window):
 
 def check_against_reference(B, Nq, Nk, D, Dv, normalizer, alpha, softcap, alibi, causal_offset, window,
                             dtype, sink=False):
-    q = torch.randn(B, HQ, Nq, D).to(DEVICE, dtype).requires_grad_()
-    k = torch.randn(B, HKV, Nk, D).to(DEVICE, dtype).requires_grad_()
-    v = torch.randn(B, HKV, Nk, Dv).to(DEVICE, dtype).requires_grad_()
     scaled = normalizer in ("ssmax", "entmax")
-    s = (0.5 + torch.rand(HQ)).to(DEVICE).requires_grad_() if scaled else None
+    q, k, v, s = kernel_leaves(B, HQ, HKV, Nq, Nk, D, Dv, DEVICE, dtype, scaled)
     slopes = 0.2 + torch.rand(B, HQ) if alibi else None
     sinks = (2 * torch.randn(HQ)).to(DEVICE).requires_grad_() if sink else None
     inputs = [q, k, v] + ([s] if scaled else []) + ([sinks] if sink else [])
@@ -89,19 +85,14 @@ def check_against_reference(B, Nq, Nk, D, Dv, normalizer, alpha, softcap, alibi,
             enable_gqa=True,
             alibi_slopes=None if slopes is None else slopes.to(q_.dtype), backend="reference", **kwargs)
 
-    base_args, ref_args = leaves(inputs, dtype), leaves(inputs, torch.float64)
-    base, ref = reference(base_args), reference(ref_args)
-    if dtype != torch.float32 and normalizer in ("softmax", "ssmax"):  # the definition in 16 bits
-        q_, k_, v_, *rest = base_args
+    def plain(args):  # fp16 softmax: the definition materialised in 16 bits
+        q_, k_, v_, *rest = args
         s_ = rest.pop(0) if scaled else None
-        base = plain_softmax(q_, k_, v_, s_, rest[0] if sink else None, softcap, slopes, causal_offset,
+        return plain_softmax(q_, k_, v_, s_, rest[0] if sink else None, softcap, slopes, causal_offset,
                              window)
-    check_rule(out.detach().cpu(), base.detach(), ref.detach(), dtype, "out")
-    do = torch.randn(ref.shape, dtype=torch.float64)
-    got = grads(out, inputs, do.to(DEVICE, dtype))
-    g_base, g_ref = grads(base, base_args, do.to(dtype)), grads(ref, ref_args, do)
-    for name, g, g_b, g_r in zip(names, got, g_base, g_ref, strict=True):
-        check_rule(g.cpu(), g_b, g_r, dtype, name)
+
+    sixteen_bit_softmax = dtype != torch.float32 and normalizer in ("softmax", "ssmax")
+    check_kernel_call(out, inputs, reference, dtype, names, plain if sixteen_bit_softmax else None)
 
 
 @pytest.mark.usefixtures("nan_empty")
