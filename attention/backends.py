@@ -58,7 +58,8 @@ def _anything(call: AttentionCall) -> str:
 def _triton_limits(call: AttentionCall) -> str:
     device = call.query.device
     if call.attn_mask is not None:
-        return "attn_mask is not supported by the kernels (is_causal and causal_offset are)"
+        return ("attn_mask is not supported by the kernels yet (is_causal, causal_offset, window_size, "
+                "seqused_k and alibi_slopes are, without a mask)")
     if call.dropout_p > 0:
         return "dropout_p > 0 is not supported by the kernels"
     if call.query.dtype == torch.float64:
