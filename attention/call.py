@@ -24,15 +24,6 @@ def clamp_causal_offset(causal_offset: int | None, n_q: int, n_k: int) -> int | 
     return None if causal_offset is None else max(-n_q, min(causal_offset, n_k))
 
 
-# ALiBi's diagonal is not clamped to the lengths, which would move a sink's weight against the keys';
-# it is bounded here only to keep the kernels' int32 distances from overflowing.
-ALIBI_OFFSET_BOUND = 1 << 30
-
-
-def bound_alibi_offset(offset: int) -> int:
-    return max(-ALIBI_OFFSET_BOUND, min(offset, ALIBI_OFFSET_BOUND))
-
-
 @dataclass(frozen=True)
 class PackedDocs:
     """Documents packed along dim 0 (flash-attn's varlen layout): document `d` holds query rows

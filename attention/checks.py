@@ -14,10 +14,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..kernels.common import MIN_ALPHA, window_bounds  # host side only: compiles no kernel
+from ..kernels.common import (  # host side only: compiles no kernel
+    MIN_ALPHA,
+    bound_alibi_offset,
+    window_bounds,
+)
 from . import normalizers
 from .backends import BACKEND_CHOICES
-from .call import AttentionCall, PackedDocs, bound_alibi_offset, clamp_causal_offset
+from .call import AttentionCall, PackedDocs, clamp_causal_offset
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The causal offset that aligns the mask bottom-right: `Nk - Nq`, or in each packed document its own.

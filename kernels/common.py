@@ -121,6 +121,15 @@ def window_args(window_offset: int | None, Nq: int, Nk: int, from_end: bool = Fa
     return True, _clamp_offset(window_offset, Nq, Nk, from_end)
 
 
+# ALiBi's diagonal is not clamped to the lengths, which would move a sink's weight against the keys';
+# it is bounded only to keep the kernels' int32 distances from overflowing.
+ALIBI_OFFSET_BOUND = 1 << 30
+
+
+def bound_alibi_offset(offset: int) -> int:
+    return max(-ALIBI_OFFSET_BOUND, min(offset, ALIBI_OFFSET_BOUND))
+
+
 def logit_modifiers(softcap: float | None, alibi_slopes: torch.Tensor | None, alibi_offset: int | None,
                     B: int, Hq: int, Nq: int, Nk: int, from_end: bool, unit: float, device) -> dict:
     """The kernels' softcap and ALiBi arguments, in their logit units: softmax's base 2 (`unit =
@@ -136,7 +145,7 @@ def logit_modifiers(softcap: float | None, alibi_slopes: torch.Tensor | None, al
         slopes = slopes.contiguous()
     return {
         "softcap": 0.0 if softcap is None else float(softcap) * unit, "alibi": slopes,
-        "alibi_offset": max(-(1 << 30), min(alibi_offset or 0, 1 << 30)) if has_alibi else 0,
+        "alibi_offset": bound_alibi_offset(alibi_offset or 0) if has_alibi else 0,
         "HAS_SOFTCAP": softcap is not None, "HAS_ALIBI": has_alibi,
     }
 
@@ -201,9 +210,10 @@ def forward_shapes(q, v, varlen: bool) -> tuple[tuple[int, ...], tuple[int, ...]
     return (B, Hq, Nq, v.shape[-1]), (B, Hq, Nq)
 
 
-def length_scale_grad_from_rows(ds_row: torch.Tensor, varlen: bool) -> torch.Tensor:
-    """ds_h from each row's share (the dQ kernels' `ds_row`), summed on the host so that the
-    result is deterministic: `(Hq,)` from `(B, Hq, Nq)` or varlen's `(Hq, total_q)`."""
+def per_head_from_rows(ds_row: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """A per-head gradient (the length scale's, the sink's) from each row's share (the dQ
+    kernels' `ds_row`), summed on the host so that the result is deterministic: `(Hq,)` from
+    `(B, Hq, Nq)` or varlen's `(Hq, total_q)`."""
     return ds_row.sum(dim=1) if varlen else ds_row.sum(dim=(0, 2))
 
 
@@ -269,8 +279,8 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def op_length_scale_grad(q: torch.Tensor, ds: torch.Tensor | None) -> torch.Tensor:
-    """A custom op cannot return None: an empty ds stands for "no length scale"."""
+def op_optional_grad(q: torch.Tensor, ds: torch.Tensor | None) -> torch.Tensor:
+    """A custom op cannot return None: an empty tensor stands for "no length scale" or "no sink"."""
     return q.new_empty(0, dtype=torch.float32) if ds is None else ds
 
 

@@ -64,11 +64,11 @@ from .common import (
     forward_shapes,
     key_lengths,
     length_scale_grad,
-    length_scale_grad_from_rows,
     length_scale_vector,
     logit_modifiers,
-    op_length_scale_grad,
+    op_optional_grad,
     padded_dim,
+    per_head_from_rows,
     save_length_scale_meta,
     save_varlen_args,
     shapes,
@@ -286,8 +286,8 @@ def entmax_attention_bwd(
             BLOCK_M=rows_streamed, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
             **common,
         )
-    ds = None if s is None else length_scale_grad_from_rows(ds_row, varlen)
-    return dq, dk, dv, ds, None if sink is None else length_scale_grad_from_rows(dsink_row, varlen)
+    ds = None if s is None else per_head_from_rows(ds_row, varlen)
+    return dq, dk, dv, ds, None if sink is None else per_head_from_rows(dsink_row, varlen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,13 +330,12 @@ def _bwd_op(
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
     sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds, dsink = entmax_attention_bwd(do, q, k, v, row_max, tau, tile_flags, scale, alpha,
-                                                 causal_offset,
-                                          length_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, causal_from_end, seqused_k=seqused_k,
-                                          window_offset=window_offset, softcap=softcap,
-                                          alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
-    return dq, dk, dv, op_length_scale_grad(q, ds), op_length_scale_grad(q, dsink)
+    dq, dk, dv, ds, dsink = entmax_attention_bwd(
+        do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q,
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end, seqused_k=seqused_k,
+        window_offset=window_offset, softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
+        sink=sink)
+    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink)
 
 
 @_bwd_op.register_fake

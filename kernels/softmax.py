@@ -50,11 +50,11 @@ from .common import (
     forward_shapes,
     key_lengths,
     length_scale_grad,
-    length_scale_grad_from_rows,
     length_scale_vector,
     logit_modifiers,
-    op_length_scale_grad,
+    op_optional_grad,
     padded_dim,
+    per_head_from_rows,
     save_length_scale_meta,
     save_varlen_args,
     shapes,
@@ -139,7 +139,7 @@ def softmax_attention_fwd_kernel(
     p_q = q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                                  HAS_LENGTH_SCALE, HAS_WINDOW)
+                            HAS_LENGTH_SCALE, HAS_WINDOW)
     row_scale = f_scale * LOG2E  # [BM], logits in base 2
     head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
 
@@ -368,7 +368,7 @@ def softmax_attention_bwd_kernel_dq(
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
     b_lse, b_delta = _load_row_stats(lse + row, delta + row, offs_m, mask_m)
     f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                                  HAS_LENGTH_SCALE, HAS_WINDOW)
+                                   HAS_LENGTH_SCALE, HAS_WINDOW)
     row_scale = f_scale * LOG2E
     head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
 
@@ -550,8 +550,8 @@ def softmax_attention_bwd(
     if sink is not None:  # d out_i / d sink = -p_sink,i out_i, so dsink = -sum_i p_sink,i delta_i
         sink_rows = sink_vector(sink, Hq, q.device).view(-1, 1)  # against (B, Hq, Nq) or (Hq, total_q)
         p_sink = torch.exp(sink_rows - lse).masked_fill(lse == float("-inf"), 0.0)  # no weight at all: 0
-        dsink = length_scale_grad_from_rows(-p_sink * delta, varlen)
-    return dq, dk, dv, None if s is None else length_scale_grad_from_rows(ds_row, varlen), dsink
+        dsink = per_head_from_rows(-p_sink * delta, varlen)
+    return dq, dk, dv, None if s is None else per_head_from_rows(ds_row, varlen), dsink
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +599,7 @@ def _bwd_op(
                                                   window_offset=window_offset, softcap=softcap,
                                                   alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
                                                   sink=sink)
-    return dq, dk, dv, op_length_scale_grad(q, ds), op_length_scale_grad(q, dsink)
+    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink)
 
 
 @_bwd_op.register_fake
