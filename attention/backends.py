@@ -36,6 +36,9 @@ class Backend:
     auto_devices: tuple[str, ...] | None  # where "auto" may choose it (None: anywhere; (): never)
     # Takes `seqused_k` itself; for the others the dispatch folds it into the mask.
     key_lengths: bool = False
+    # Takes a `BlockMap` itself (skipping the blocks it clears); for the others the dispatch
+    # folds it into the mask.
+    block_maps: bool = False
     # One implementation for every normalizer (the reference's, which needs only the normalizer's
     # row function); None: each normalizer record names its own in `paths`.
     run: Callable[[AttentionCall], torch.Tensor] | None = None
@@ -57,9 +60,8 @@ def _anything(call: AttentionCall) -> str:
 
 def _triton_limits(call: AttentionCall) -> str:
     device = call.query.device
-    if call.attn_mask is not None:
-        return ("attn_mask is not supported by the kernels yet (is_causal, causal_offset, window_size, "
-                "seqused_k and alibi_slopes are, without a mask)")
+    if call.attn_mask is not None and call.docs is not None:
+        return "attn_mask is not supported by the kernels with packed documents (cu_seqlens mask them)"
     if call.dropout_p > 0:
         return "dropout_p > 0 is not supported by the kernels"
     if call.query.dtype == torch.float64:
@@ -90,6 +92,8 @@ def _flash_limits(call: AttentionCall) -> str:
         return f"flash-attn takes float16 or bfloat16; got {call.query.dtype}"
     if call.attn_mask is not None:
         return "attn_mask is not supported by flash-attn (is_causal and causal_offset are)"
+    if call.block_map is not None:
+        return "block_map is not supported by flash-attn (backend='triton' skips the blocks it clears)"
     if call.seqused_k is not None:
         return "seqused_k is not supported by flash-attn's dense interface"
     if call.dropout_p > 0 and not FLASH_ATTN_2:
@@ -146,8 +150,8 @@ def _flash_window(call: AttentionCall) -> tuple[tuple[bool, tuple[int, int]], st
 
 # The keywords beyond SDPA's causal flag whose support differs between backends, in the order the
 # README's table lists them.
-FEATURES = ("causal_offset", "window_size", "seqused_k", "attn_mask", "dropout_p", "softcap", "alibi_slopes",
-            "sink", "float64")
+FEATURES = ("causal_offset", "window_size", "seqused_k", "attn_mask", "block_map", "dropout_p", "softcap",
+            "alibi_slopes", "sink", "float64")
 _ALL = dict.fromkeys(FEATURES, "yes")
 
 REFERENCE = Backend(
@@ -162,15 +166,15 @@ TORCH = Backend(
 )
 TRITON = Backend(
     "triton", "`kernels/`: tiled Triton kernels, forward and backward (the Triton interpreter on CPU)",
-    "O(N)", _triton_limits, packed=True, auto_devices=("cuda",), key_lengths=True,
-    features={**_ALL, "attn_mask": "no", "dropout_p": "no", "float64": "no"},
+    "O(N)", _triton_limits, packed=True, auto_devices=("cuda",), key_lengths=True, block_maps=True,
+    features={**_ALL, "dropout_p": "no", "float64": "no"},
 )
 FLASH = Backend(
     "flash", "flash-attn (FlashAttention 2, or 3's interface where present), when installed", "O(N)",
     _flash_limits, packed=True, auto_devices=("cuda",),
     features={**_ALL, "causal_offset": "at least `Nk - Nq`",
               "window_size": "left edge at or left of `i + Nk - Nq`",
-              "seqused_k": "no", "attn_mask": "no", "dropout_p": "FlashAttention 2",
+              "seqused_k": "no", "attn_mask": "no", "block_map": "no", "dropout_p": "FlashAttention 2",
               "alibi_slopes": "FlashAttention 2, from `i + Nk - Nq`", "sink": "no", "float64": "no"},
 )
 
@@ -207,8 +211,11 @@ def _triton_args(call: AttentionCall, *scalars) -> tuple:
     q, k, v = call.query, call.key, call.value
     check_inputs(q, k, v, varlen=call.docs is not None)
     varlen = () if call.docs is None else (*_triton_docs(call.docs), call.docs.causal_from_end)
+    block_map = call.block_map
+    flags, block_size = (None, 128) if block_map is None else (block_map.flags, block_map.block_size)
     return (q, k, v, *scalars, call.causal_offset, call.length_scale, call.seqused_k, call.window_offset,
-            call.softcap, call.alibi_slopes, call.alibi_offset, call.sink, *varlen)
+            call.softcap, call.alibi_slopes, call.alibi_offset, call.sink, call.attn_mask, flags, block_size,
+            *varlen)
 
 
 def _triton_docs(docs) -> tuple:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from .block_map import BlockMap
     from .normalizers import Normalizer
 
 
@@ -99,6 +100,7 @@ class AttentionCall:
     alibi_slopes: torch.Tensor | None = None
     alibi_offset: int | None = None  # the diagonal the distances count from: the causal one, or 0
     sink: torch.Tensor | None = None  # (Hq,): a logit per head in every row's normalization, no value
+    block_map: BlockMap | None = None  # dense: the blocks of (Nq, Nk) that may hold an allowed key
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -124,6 +126,19 @@ class AttentionCall:
         else:  # -inf masks the key on every path (`reference.float_mask_allows`)
             mask = torch.where(keys, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
         return replace(self, attn_mask=mask, seqused_k=None)
+
+    def block_map_as_mask(self) -> AttentionCall:
+        """The call with its block map folded into `attn_mask`, for the paths that take masks but
+        not maps: the map's boolean mask (`BlockMap.as_mask`), combined with the call's own."""
+        keys = self.block_map.as_mask(self.query.shape[-2], self.key.shape[-2])
+        mask = self.attn_mask
+        if mask is None:
+            mask = keys
+        elif mask.dtype == torch.bool:
+            mask = mask & keys
+        else:
+            mask = torch.where(keys, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
+        return replace(self, attn_mask=mask, block_map=None)
 
     def document(self, d: int) -> AttentionCall:
         """Document `d` of a packed call (its offsets on the host: `PackedDocs.on_host`) as a

@@ -151,7 +151,8 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
               causal_offset: int | str | None, attn_mask=None, dropout_p: float = 0.0,
               docs: PackedDocs | None = None, seqused_k: torch.Tensor | None = None,
               window: tuple[int, int] | None = None, softcap: float | None = None,
-              alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None) -> AttentionCall:
+              alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
+              block_map=None) -> AttentionCall:
     """The call of checked arguments in canonical form: the normalizer rewritten to its base
     record (`normalizers.canonical`), the scale's default, `1 / sqrt(D)`, resolved, the causal
     offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed), the sliding window
@@ -182,7 +183,7 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
         query, key, value, name=normalizer, normalizer=record, alpha=alpha, length_scale=length_scale,
         scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,
         attn_mask=attn_mask, dropout_p=dropout_p, docs=docs, seqused_k=seqused_k, window_offset=window_offset,
-        softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink,
+        softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink, block_map=block_map,
     )
 
 
@@ -337,6 +338,35 @@ def check_mask(attn_mask, query, key) -> None:
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target} "
             "(B, Hq, Nq, Nk) / (Hq, Nq, Nk)"
         )
+
+
+def check_block_map(block_map, query, key):
+    """None or a `BlockMap` whose flags are bool, on the inputs' device and broadcastable to
+    `(B, Hq, cdiv(Nq, block_size), cdiv(Nk, block_size))` (`query` batched)."""
+    from .block_map import BLOCK_MULTIPLE, BlockMap
+
+    if block_map is None:
+        return None
+    if not isinstance(block_map, BlockMap):
+        raise TypeError(f"block_map must be None or a longattn.BlockMap; got {type(block_map).__name__}")
+    size, flags = block_map.block_size, block_map.flags
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % BLOCK_MULTIPLE:
+        raise ValueError(f"block_map.block_size must be a positive multiple of {BLOCK_MULTIPLE}; "
+                         f"got {size!r}")
+    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:
+        raise TypeError(f"block_map.flags must be a bool tensor; got "
+                        f"{flags.dtype if isinstance(flags, torch.Tensor) else type(flags).__name__}")
+    if flags.device != query.device:
+        raise ValueError(f"block_map.flags must be on {query.device}; got {flags.device}")
+    target = (*query.shape[:-2], -(-query.shape[-2] // size), -(-key.shape[-2] // size))
+    try:
+        ok = flags.dim() <= 4 and torch.broadcast_shapes(flags.shape, target) == torch.Size(target)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"block_map.flags of shape {tuple(flags.shape)} does not broadcast to {target}, "
+                         f"(B, Hq, cdiv(Nq, {size}), cdiv(Nk, {size}))")
+    return block_map
 
 
 def check_length_scale(length_scale, num_heads: int, device: torch.device):

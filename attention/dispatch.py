@@ -88,6 +88,8 @@ def _run_dense(call: AttentionCall, backend: Backend) -> torch.Tensor:
         backend = REFERENCE
     if call.seqused_k is not None and not backend.key_lengths:
         call = call.key_lengths_as_mask()
+    if call.block_map is not None and not backend.block_maps:
+        call = call.block_map_as_mask()
     return implementation(backend, call.normalizer)(call)
 
 

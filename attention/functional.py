@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, dispatch, reference
+from .block_map import BlockMap
 
 
 def scaled_dot_product_attention(
@@ -27,6 +28,7 @@ def scaled_dot_product_attention(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
+    block_map: BlockMap | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Scaled dot-product attention with a choice of normalizer.
@@ -41,7 +43,8 @@ def scaled_dot_product_attention(
 
         def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       normalizer="softmax", alpha=1.5, length_scale=None, causal_offset=None,
-                      seqused_k=None, window_size=None, softcap=None, alibi_slopes=None, sink=None):
+                      seqused_k=None, window_size=None, softcap=None, alibi_slopes=None, sink=None,
+                      block_map=None):
             scale = q.size(-1) ** -0.5 if scale is None else scale
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)     # GQA
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
@@ -54,6 +57,8 @@ def scaled_dot_product_attention(
                 allowed = allowed & ((left < 0) | (j >= i + c - left)) & ((right < 0) | (j <= i + c + right))
             if seqused_k is not None:                                   # batch b: its first keys
                 allowed = allowed & (torch.arange(k.size(-2)) < seqused_k.view(-1, 1, 1, 1))
+            if block_map is not None:                                   # its cleared blocks: masked
+                allowed = allowed & block_map.as_mask(q.size(-2), k.size(-2))
             bias = 0.0
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 allowed = allowed & attn_mask                            # True = may attend
@@ -103,7 +108,8 @@ def scaled_dot_product_attention(
             scaling), broadcastable to ``(B, Hq, Nq, Nk)``. A float entry of ``-inf`` or of its
             dtype's lowest finite value, ``torch.finfo(attn_mask.dtype).min`` (Hugging Face's
             padding), masks its key: weight 0, not counted in ``n_i``. A float mask that
-            requires grad gets its gradient.
+            requires grad gets its gradient. The kernels read it tile by tile through its
+            strides (a broadcast dim costs nothing) and skip the tiles a bool mask wholly masks.
         dropout_p: dropout on the attention weights, applied whenever it is positive (as SDPA).
         is_causal: top-left causal mask, ``j <= i``; may be combined with ``attn_mask``.
         scale: logit scale, default ``1 / sqrt(D)``.
@@ -141,6 +147,12 @@ def scaled_dot_product_attention(
             shape ``(Hq,)`` on the inputs' device, one logit per head that joins every row's
             normalization (sparsemax's and entmax's threshold search too) and carries no value,
             so a row may give its weight to nothing. It may require grad.
+        block_map: a :class:`longattn.BlockMap`, one flag per block of ``block_size`` rows and
+            keys (FlexAttention's ``BlockMask`` in spirit): a cleared block is masked, and the
+            kernels skip it without reading K, V or the mask, so a document or other structured
+            mask costs in proportion to the blocks it keeps. ``BlockMap.from_mask(attn_mask)``
+            builds it from a mask once, for every layer that shares the mask. Paths without
+            block skipping fold it into the mask (as ``BlockMap.as_mask``).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash"``
             (flash-attn, when installed: softmax and SSMax on CUDA in 16 bits). ``"auto"`` takes
             the first of flash-attn and the Triton kernels that serves a CUDA call, else
@@ -163,6 +175,7 @@ def scaled_dot_product_attention(
         softcap=checks.check_softcap(softcap),
         alibi_slopes=_check_alibi(alibi_slopes, query),
         sink=checks.check_sink(sink, query.shape[-3], query.device),
+        block_map=checks.check_block_map(block_map, _batched(query), key),
     )
     out = dispatch.run(call, checks.check_backend(backend))
     return out.squeeze(0) if query.dim() == 3 else out

@@ -7,9 +7,10 @@ set -u
 export TRITON_INTERPRET=0
 status=0
 python -m pytest tests/test_triton_softmax.py tests/test_triton_entmax.py tests/test_varlen.py \
-    tests/test_kernel_key_lengths.py tests/test_kernel_windows.py tests/test_kernel_logit_modifiers.py -x -q \
+    tests/test_kernel_key_lengths.py tests/test_kernel_windows.py tests/test_kernel_logit_modifiers.py \
+    tests/test_kernel_masks.py -x -q \
     || status=1
-for script in gpu_softmax.py gpu_entmax.py gpu_windows.py; do
+for script in gpu_softmax.py gpu_entmax.py gpu_windows.py gpu_masks.py; do
     python "benchmarks/$script" || status=1
 done
 exit $status

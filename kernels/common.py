@@ -284,12 +284,14 @@ def op_optional_grad(q: torch.Tensor, ds: torch.Tensor | None) -> torch.Tensor:
     return q.new_empty(0, dtype=torch.float32) if ds is None else ds
 
 
-def fake_gradients(q, k, v, length_scale, sink=None):
-    """What a backward op returns, as its fake implementation: `dq`, `dk`, `dv` like the inputs
-    and the `(Hq,)` fp32 `ds` and `dsink` (empty without length scaling, without a sink)."""
+def fake_gradients(q, k, v, length_scale, sink=None, grad_mask=None):
+    """What a backward op returns, as its fake implementation: `dq`, `dk`, `dv` like the inputs,
+    the `(Hq,)` fp32 `ds` and `dsink` (empty without length scaling, without a sink) and `dmask`
+    like `grad_mask`, the float mask whose gradient is wanted (empty without one)."""
     ds = q.new_empty(0 if length_scale is None else q.shape[1], dtype=torch.float32)
     dsink = q.new_empty(0 if sink is None else q.shape[1], dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsink
+    dmask = q.new_empty(0, dtype=torch.float32) if grad_mask is None else grad_mask.new_empty(grad_mask.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsink, dmask
 
 
 def vmap_by_loop(op):

@@ -84,6 +84,10 @@ from .common import (
 )
 from .entmax_bwd import entmax_attention_bwd_kernel_dkdv, entmax_attention_bwd_kernel_dq
 from .entmax_fwd import entmax_attention_fwd_kernel
+from .masks import count_allowed_keys, mask_args, mask_grad_args, reduce_mask_grad
+from .masks import (
+    count_allowed_keys_kernel as count_allowed_keys_kernel,  # its launches are this family's too
+)
 
 # Newton's method on G(t) = ||[x - max - t]_+||_p = 1 from t = -1 rises monotonically to the root
 # (`attention/chunked.py`), so a program stops once no row of its block moves by more than
@@ -124,7 +128,8 @@ def entmax_attention_fwd(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
     (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
@@ -134,7 +139,9 @@ def entmax_attention_fwd(
     visited and stay unflagged), and `window_offset`, a sliding window's left edge, likewise;
     `softcap` and ALiBi (`alibi_slopes`, `alibi_offset`) as `softmax_attention_fwd`'s. `sink`:
     None or `(Hq,)` logits, one more term of every row's sum with no value (it joins the max
-    and the threshold search, its weight goes nowhere).
+    and the threshold search, its weight goes nowhere). `attn_mask` and the block map
+    (`block_map`, `map_block`) as `softmax_attention_fwd`'s: the tiles they skip are never
+    flagged, so no pass of the forward or backward visits them.
 
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and, for the backward, `row_max` and `tau`
     (B, Hq, Nq) in fp32, both in entmax units: the weights are
@@ -160,6 +167,9 @@ def entmax_attention_fwd(
                            q.device)
     alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
     sink = sink_vector(sink, Hq, q.device)
+    masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
+    counts = count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset, has_window, window,
+                                q.device)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
@@ -176,6 +186,10 @@ def entmax_attention_fwd(
         # 128 registers and an 8-byte frame with 4 warps), and softcapping, ALiBi and sinks
         # (alpha 1.25, bf16: 168 registers and a 16-byte frame).
         num_warps = 8
+    if masking.mask is not None and q.dtype != torch.float32:
+        # A mask tile is loaded in the dot's layout, 16 entries a thread at 4 warps: ptxas spilled
+        # 24-360 bytes (sm_80 and sm_90, D = 64 and 128); 8 warps take 203-246 registers, none.
+        num_warps = 8
     entmax_attention_fwd_kernel[(triton.cdiv(grid_nq, BLOCK_M), B * Hq)](
         q, k, v, out, row_max, tau, tile_flags, length_scale_vector(length_scale, Hq, q.device),
         cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink,
@@ -185,6 +199,7 @@ def entmax_attention_fwd(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, HAS_WINDOW=has_window,
         DOT_PRECISION=dot_precision(q.dtype), HAS_SINK=sink is not None, **mods,
+        **masking.kernel_args(counts),
         MAX_STEPS=MAX_NEWTON_STEPS, TOL=NEWTON_TOL, BISECT_ONLY=BISECT_ONLY,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -200,15 +215,18 @@ def entmax_attention_bwd(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128, mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
     the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns
     `dq`, `dk`, `dv` in the inputs' dtypes, `ds`, the gradient of the `(Hq,)` length scale in
-    fp32 (None without length scaling), and `dsink`, the sink's (None without one). Varlen,
-    `seqused_k`, `window_offset`, `softcap`, ALiBi and `sink` as in `entmax_attention_fwd`, the
-    tensors in its packed layouts (the keys outside the first two get gradient 0; the slopes get
-    none)."""
+    fp32 (None without length scaling), `dsink`, the sink's (None without one), and `dmask`, with
+    `mask_grad` a float mask's, in its shape and dtype (None otherwise). Varlen, `seqused_k`,
+    `window_offset`, `softcap`, ALiBi, `sink`, `attn_mask` and the block map as in
+    `entmax_attention_fwd`, the tensors in its packed layouts (the keys outside the first two get
+    gradient 0; the slopes get none)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -219,6 +237,12 @@ def entmax_attention_bwd(
     alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
     sink = sink_vector(sink, Hq, q.device)
     s = length_scale_vector(length_scale, Hq, q.device)
+    # The tiles the mask and map skip are unflagged: the passes below visit none of them. n_i
+    # only scales the logits: without length scaling the backward needs no count.
+    masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
+    counts = None if s is None else count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset,
+                                                       has_window, window, q.device)
+    dmask, dmask_args = mask_grad_args(attn_mask, mask_grad, B, Hq, Nq, Nk)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     row_max, tau = row_max.float().contiguous(), tau.float().contiguous()
     # A row the forward found a NaN in (row_max saved as NaN) gets a NaN dO: the kernels' products
@@ -234,7 +258,7 @@ def entmax_attention_bwd(
     n_blocks = _tile_flags_shape(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)[1:]
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
               "HAS_WINDOW": has_window, "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps,
-              "num_stages": num_stages, **mods}
+              "num_stages": num_stages, **mods, **masking.kernel_args(counts)}
     scalars = (float(scale), float(alpha), offset, window, *modifier_args)
     qkv_strides = (*strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen))
 
@@ -243,17 +267,24 @@ def entmax_attention_bwd(
     ds_row = None if s is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     dsink_row = None if sink is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     if B * Hq * grid_nq > 0:  # first: it stores delta for dK/dV
-        row_grid = (triton.cdiv(grid_nq, BLOCK_HELD), B * Hq)
         # dQ at D <= 64 in 16 bits: 4 warps spilled 8 bytes on sm_80 (uneven lengths, length
         # scaling); 8 warps take 170 registers and none
         dq_warps = 8 if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) <= 64 else num_warps
+        # The float mask's gradient at D = 128 in 16 bits: holding 64 rows spilled 96-112 bytes
+        # (alpha 1.25, causal, length scaling; 1 or 2 stages, 4 or 8 warps alike); 32 rows,
+        # within the forward's 64-row flag blocks, take 216, none, but are too few for Hopper's
+        # wgmma (64 a warpgroup): this one dQ runs on mma.sync there.
+        dq_rows = BLOCK_HELD
+        if dmask is not None and q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
+            dq_rows = 32
+        row_grid = (triton.cdiv(grid_nq, dq_rows), B * Hq)
         entmax_attention_bwd_kernel_dq[row_grid](
             q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, s, cu_seqlens_q,
             cu_seqlens_k,
             seqused_k, alibi, sink, *qkv_strides, *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
-            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, HAS_SINK=sink is not None,
-            **{**common, "num_warps": dq_warps},
+            BLOCK_M=dq_rows, BLOCK_N=BLOCK_STREAMED, HAS_SINK=sink is not None,
+            **{**common, "num_warps": dq_warps}, **dmask_args, FLAG_BLOCK_M=BLOCK_HELD,
         )
 
     # with key lengths, the key blocks past a batch's return at once: their dK, dV stay 0
@@ -275,6 +306,8 @@ def entmax_attention_bwd(
     # FLAG_BLOCK_M rows, so the flags still cover each streamed tile. Softcapping and ALiBi
     # likewise (24 bytes of stack at 255 registers, alpha 1.25, causal, length scaling, bf16).
     modified = softcap is not None or alibi_slopes is not None
+    if masking.mask is not None and q.dtype != torch.float32:
+        rows_streamed = 16  # the mask's transposed tile: 32 rows spilled 8 bytes (sm_80, sparsemax, bf16)
     if ((varlen or modified) and capability is not None and capability >= 90 and q.dtype != torch.float32
             and max(BLOCK_D, BLOCK_DV) == 128):
         rows_streamed = 16
@@ -287,7 +320,8 @@ def entmax_attention_bwd(
             **common,
         )
     ds = None if s is None else per_head_from_rows(ds_row, varlen)
-    return dq, dk, dv, ds, None if sink is None else per_head_from_rows(dsink_row, varlen)
+    dsink = None if sink is None else per_head_from_rows(dsink_row, varlen)
+    return dq, dk, dv, ds, dsink, reduce_mask_grad(dmask, attn_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,12 +336,14 @@ def _fwd_op(
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
                                 seqused_k=seqused_k, window_offset=window_offset, softcap=softcap,
-                                alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
+                                alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink,
+                                attn_mask=attn_mask, block_map=block_map, map_block=map_block)
 
 
 @_fwd_op.register_fake
@@ -328,20 +364,23 @@ def _bwd_op(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds, dsink = entmax_attention_bwd(
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128, mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, ds, dsink, dmask = entmax_attention_bwd(
         do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q,
         cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end, seqused_k=seqused_k,
         window_offset=window_offset, softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
-        sink=sink)
-    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink)
+        sink=sink, attn_mask=attn_mask, block_map=block_map, map_block=map_block, mask_grad=mask_grad)
+    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink), op_optional_grad(q, dmask)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, *modifiers):
-    return fake_gradients(q, k, v, length_scale, modifiers[-1] if len(modifiers) == 6 else None)
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
+      window_offset=None, softcap=None, alibi_slopes=None, alibi_offset=None, sink=None, attn_mask=None,
+      block_map=None, map_block=128, mask_grad=False):
+    return fake_gradients(q, k, v, length_scale, sink, attn_mask if mask_grad else None)
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -355,8 +394,9 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class EntmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd. `seqused_k` (dense mode's key
-    lengths), `window_offset`, `softcap`,
-    `alibi_slopes` and `alibi_offset` may be None; the trailing arguments, `(cu_seqlens_q,
+    lengths), `window_offset`, `softcap`, `alibi_slopes`, `alibi_offset`, `sink`, `attn_mask` and
+    `block_map` may be None (the last two dense only; a float mask may require grad); the trailing arguments,
+    `(cu_seqlens_q,
     cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only.
     Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
     ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
@@ -367,43 +407,50 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, softcap,
-                alibi_slopes, alibi_offset, sink, *varlen):
+                alibi_slopes, alibi_offset, sink, attn_mask, block_map, map_block, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
         return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen,
                                                        seqused_k=seqused_k, window_offset=window_offset,
                                                        softcap=softcap, alibi_slopes=alibi_slopes,
-                                                       alibi_offset=alibi_offset, sink=sink)
+                                                       alibi_offset=alibi_offset, sink=sink,
+                                                       attn_mask=attn_mask, block_map=block_map,
+                                                       map_block=map_block)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, softcap, alibi_slopes, \
-            alibi_offset, sink, *varlen = inputs
+            alibi_offset, sink, attn_mask, block_map, map_block, *varlen = inputs
         _, row_max, tau, tile_flags = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink,
-                              *save_varlen_args(ctx, tuple(varlen)))
+        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink, attn_mask,
+                              block_map, *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.alpha = scale, alpha
         ctx.causal_offset, ctx.window_offset = causal_offset, window_offset
-        ctx.softcap, ctx.alibi_offset = softcap, alibi_offset
+        ctx.softcap, ctx.alibi_offset, ctx.map_block = softcap, alibi_offset, map_block
         save_length_scale_meta(ctx, length_scale)
         ctx.mark_non_differentiable(row_max, tau, tile_flags)
 
     @staticmethod
     def backward(ctx, dout, _drow_max, _dtau, _dflags):
-        q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink, *cu_seqlens = ctx.saved_tensors
+        q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink, attn_mask, block_map, \
+            *cu_seqlens = ctx.saved_tensors
+        mask_grad = bool(ctx.needs_input_grad[13]) and attn_mask is not None and attn_mask.is_floating_point()
         # No graph through the op: custom ops wrap themselves for autograd in a Function
         # torch.func refuses. first_order_only gives the gradients theirs.
         with torch.no_grad():
-            dq, dk, dv, ds, dsink = torch.ops.longattn.entmax_attention_bwd(
+            dq, dk, dv, ds, dsink, dmask = torch.ops.longattn.entmax_attention_bwd(
                 dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
                 *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
                 softcap=ctx.softcap, alibi_slopes=alibi_slopes, alibi_offset=ctx.alibi_offset, sink=sink,
+                attn_mask=attn_mask, block_map=block_map, map_block=ctx.map_block, mask_grad=mask_grad,
             )
-        dq, dk, dv, ds, dsink = first_order_only("longattn::entmax_attention_bwd", (dq, dk, dv, ds, dsink),
-                                                 (dout, q, k, v, s, sink))
+        dq, dk, dv, ds, dsink, dmask = first_order_only(
+            "longattn::entmax_attention_bwd", (dq, dk, dv, ds, dsink, dmask),
+            (dout, q, k, v, s, sink, attn_mask))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[6])
         return (dq, dk, dv, None, None, None, d_length_scale, None, None, None, None, None,
-                sink_grad(sink, dsink, ctx.needs_input_grad[12]), *varlen_no_grads(ctx, cu_seqlens))
+                sink_grad(sink, dsink, ctx.needs_input_grad[12]), dmask if mask_grad else None, None, None,
+                *varlen_no_grads(ctx, cu_seqlens))
 
 
 def _check_alpha(alpha) -> float:
@@ -428,6 +475,9 @@ def entmax_attention(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None,
+    map_block: int = 128,
 ) -> torch.Tensor:
     """alpha-entmax attention (sparsemax at alpha = 2) by the tiled Triton kernels (the Triton
     interpreter on CPU, with `TRITON_INTERPRET=1` set before longattn is imported).
@@ -450,6 +500,7 @@ def entmax_attention(
         window_size, softcap, alibi_slopes, sink: a sliding window, logit soft-capping, ALiBi
             and attention sinks, as `softmax_attention`'s; the sink enters the threshold search
             like any other logit.
+        attn_mask, block_map, map_block: a mask and a block map, as `softmax_attention`'s.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype. A row with no key gives 0 and gradient 0.
@@ -463,7 +514,7 @@ def entmax_attention(
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
                                          seqused_k, window_offset, softcap, alibi_slopes, alibi_offset,
-                                         sink)[0]
+                                         sink, attn_mask, block_map, map_block)[0]
 
 
 def entmax_varlen_attention(
@@ -496,6 +547,6 @@ def entmax_varlen_attention(
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(
         q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None, window_offset, softcap,
-        alibi_slopes, alibi_offset, sink,
+        alibi_slopes, alibi_offset, sink, None, None, 128,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )[0]

@@ -17,6 +17,7 @@ from .program import (
     key_end,
     key_start,
     load_tile,
+    mask_tile,
     modify_logits,
     program_prologue,
     query_range,
@@ -48,6 +49,8 @@ def entmax_attention_bwd_kernel_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, alibi_offset, softcap,
     n_qblocks, n_kblocks,
+    key_counts, mask, block_map, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, mask_floor,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     FLAG_BLOCK_M: tl.constexpr, FLAG_BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -55,6 +58,8 @@ def entmax_attention_bwd_kernel_dkdv(
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
+    HAS_KEY_COUNTS: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
@@ -96,6 +101,9 @@ def entmax_attention_bwd_kernel_dkdv(
             + start_m.to(tl.int64) * stride_dom
         row_h = head_row(i_b, i_h, Hq, stride_rows_h, bos_q, IS_VARLEN)  # row offset into the row stats
         flags_h = tile_flags + (i_b * Hq + i_h).to(tl.int64) * n_qblocks * n_kblocks
+        mask_h = mask
+        if HAS_MASK:
+            mask_h = mask + sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
         for m0 in range(start_m, end_m, BLOCK_M):
             flag_row = flags_h + (m0 // FLAG_BLOCK_M) * n_kblocks
             tile0 = i_n * (BLOCK_N // FLAG_BLOCK_N)
@@ -108,7 +116,7 @@ def entmax_attention_bwd_kernel_dkdv(
                 b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
                 m_i, t_i = _load_row_stats(row_max + row_h, tau + row_h, rows, mask_m)
                 f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                                        HAS_LENGTH_SCALE, HAS_WINDOW)
+                                        HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row_h, Nq, HAS_KEY_COUNTS)
                 # [BN, BM] = [BN, BD] @ [BD, BM]; rows past Nq have tau = +inf, so d = 0
                 x_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) \
                     * (f_scale * (alpha - 1.0))[None, :]
@@ -117,7 +125,13 @@ def entmax_attention_bwd_kernel_dkdv(
                     x_t = modify_logits(x_t, offs_n[:, None] - rows[None, :] - alibi_offset,
                                         alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), softcap, HAS_SOFTCAP,
                                         HAS_ALIBI)
+                if HAS_MASK:
+                    in_mask, bias_t = mask_tile(mask_h, rows[None, :], offs_n[:, None], Nq, Nk, stride_mm,
+                                                stride_mn, mask_floor, MASK_IS_BOOL)
+                    x_t = x_t + bias_t * (alpha - 1.0)
                 d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
+                if HAS_MASK:
+                    d_t = tl.where(in_mask, d_t, 0.0)
                 if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
                     d_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, d_t, 0.0)
                 if HAS_WINDOW:
@@ -162,7 +176,8 @@ def _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope,
-                alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, alpha_1, mask,
+                stride_mm, stride_mn, mask_floor, Nq, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij, [BM]. sum_j u_ij v_j is not the output, so
     it takes a key loop of its own. `u_sink` [BM] (zeros without one) joins the denominator only:
     the sink has no value."""
@@ -172,7 +187,9 @@ def _delta_pass(b_q, b_do, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
                             window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
-                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm,
+                            stride_mn,
+                            mask_floor, Nq, HAS_MASK, MASK_IS_BOOL)
             d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
             b_v = load_tile(v + offs_v, start_n + offs_n < Nk, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
@@ -196,9 +213,12 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
              HAS_LENGTH_SCALE: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr,
              HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
-             HAS_ALIBI: tl.constexpr):
+             HAS_ALIBI: tl.constexpr, alpha_1, mask, stride_mm, stride_mn, mask_floor, Nq,
+             HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, dmask, stride_gm, stride_gn,
+             MASK_GRAD: tl.constexpr):
     """`sum_j dz_ij k_j` [BM, BD], dz_ij = u_ij (dP_ij - delta_i), and with length scaling
-    `sum_j dz_ij q_i.k_j` [BM] (zeros otherwise)."""
+    `sum_j dz_ij q_i.k_j` [BM] (zeros otherwise). With MASK_GRAD, dz_ij before the cap's factor
+    is added into the float mask's gradient `dmask` (the program's base)."""
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
     for start_n in range(n_start, n_end, BLOCK_N):
@@ -210,17 +230,29 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
             if HAS_SOFTCAP or HAS_ALIBI:
                 x = modify_logits(x, (start_n + offs_n)[None, :] - offs_m[:, None] - alibi_offset, head_slope,
                                   softcap, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_MASK:
+                in_mask, bias = mask_tile(mask, offs_m[:, None], (start_n + offs_n)[None, :], Nq, Nk,
+                                          stride_mm,
+                                          stride_mn, mask_floor, MASK_IS_BOOL)
+                x = x + bias * alpha_1
             d = tl.maximum((x - m_i[:, None]) - t_i[:, None], 0.0)
+            if HAS_MASK:
+                d = tl.where(in_mask, d, 0.0)
             if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
                 allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
                                        EVEN_N, HAS_WINDOW)
                 d = tl.where(allowed, d, 0.0)
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
+            b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
+            dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
+            if MASK_GRAD:  # the bias is added after the cap: its gradient is dz before the cap's factor
+                p_dmask = dmask + offs_m.to(tl.int64)[:, None] * stride_gm \
+                    + (start_n + offs_n)[None, :] * stride_gn
+                tl.atomic_add(p_dmask, u * (dp - b_delta[:, None]),
+                              mask=(offs_m < Nq)[:, None] & mask_n[None, :], sem="relaxed")
             if HAS_SOFTCAP:  # through the cap, to the uncapped logits, recomputed from qk and folded in
                 # before the dP dot: keeping them as a tile spilled on sm_80 (bf16, D = 128)
                 u = u * softcap_slope(qk * x_scale[:, None], softcap)
-            b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
-            dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
             dz = u * (dp - b_delta[:, None])
             b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
             if HAS_LENGTH_SCALE:
@@ -244,12 +276,18 @@ def entmax_attention_bwd_kernel_dq(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, alibi_offset, softcap, n_qblocks,
     n_kblocks,
+    key_counts, mask, block_map, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, mask_floor,
+    dmask, stride_gb, stride_gh, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
+    HAS_KEY_COUNTS: tl.constexpr,
+    MASK_GRAD: tl.constexpr, FLAG_BLOCK_M: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
@@ -283,8 +321,13 @@ def entmax_attention_bwd_kernel_dq(
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
     m_i, t_i = _load_row_stats(row_max + row, tau + row, offs_m, mask_m)
     f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                                   HAS_LENGTH_SCALE, HAS_WINDOW)
-    x_scale = f_scale * (alpha - 1.0)
+                                   HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row, Nq, HAS_KEY_COUNTS)
+    alpha_1 = alpha - 1.0
+    x_scale = f_scale * alpha_1
+    if HAS_MASK:
+        mask += sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
+    if MASK_GRAD:
+        dmask += sequence_offset(i_b, i_h, 0, stride_gb, stride_gh, 0)
     head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
     p = 1.0 / (alpha - 1.0)
     n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
@@ -292,7 +335,8 @@ def entmax_attention_bwd_kernel_dq(
     if HAS_WINDOW:
         k += n_start.to(tl.int64) * stride_kn
         v += n_start.to(tl.int64) * stride_vn
-    flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # the forward's blocks
+    # the forward's blocks, FLAG_BLOCK_M rows each: this program's rows lie in one of them
+    flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m * BLOCK_M // FLAG_BLOCK_M) * n_kblocks
 
     # A sink's slope term u joins delta's denominator; its own gradient is u (0 - delta_i), the
     # sink having no value (dP = 0), summed over rows on the host.
@@ -304,7 +348,8 @@ def entmax_attention_bwd_kernel_dq(
                           offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i,
                           p, u_sink, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
                           ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset, softcap,
-                          HAS_SOFTCAP, HAS_ALIBI)
+                          HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor, Nq,
+                          HAS_MASK, MASK_IS_BOOL)
     tl.store(delta + row + offs_m, b_delta, mask=mask_m)
     if HAS_SINK:
         tl.store(dsink_row + row + offs_m, -u_sink * b_delta, mask=mask_m)
@@ -312,7 +357,9 @@ def entmax_attention_bwd_kernel_dq(
                           offs_m, offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end,
                           m_i, t_i, p, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
                           HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset,
-                          softcap, HAS_SOFTCAP, HAS_ALIBI)
+                          softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor,
+                          Nq, HAS_MASK, MASK_IS_BOOL, dmask, stride_gm,
+                          stride_gn, MASK_GRAD)
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)

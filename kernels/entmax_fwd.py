@@ -18,13 +18,15 @@ from .program import (
     allowed_keys,
     key_end,
     key_start,
-    keys_seen,
     load_tile,
+    mask_tile,
     modify_logits,
     program_prologue,
+    row_keys,
     row_scales,
     sequence_offset,
     store_tile,
+    tile_live,
 )
 
 ENTMAX_HEURISTICS = {
@@ -39,15 +41,21 @@ ENTMAX_HEURISTICS = {
 def tile_logits(b_q, p_k, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset, window_offset,
                 IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, alpha_1, mask, stride_mm, stride_mn,
+                mask_floor, Nq, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """`[BM, BN]` logits in entmax units of the key tile at `p_k` (keys `offs_n`), capped and
-    biased (`modify_logits`), masked keys at -inf."""
+    biased (`modify_logits`), the mask's bias added (`mask`: the program's base), masked keys at
+    -inf."""
     b_k = load_tile(p_k, offs_n < Nk, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
     # [BM, BN] = [BM, BD] @ [BD, BN]
     x = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * x_scale[:, None]
     if HAS_SOFTCAP or HAS_ALIBI:
         x = modify_logits(x, offs_n[None, :] - offs_m[:, None] - alibi_offset, head_slope, softcap,
                           HAS_SOFTCAP, HAS_ALIBI)
+    if HAS_MASK:  # alpha - 1 converts the natural-unit bias, as the launchers scale the modifiers
+        in_mask, bias = mask_tile(mask, offs_m[:, None], offs_n[None, :], Nq, Nk, stride_mm, stride_mn,
+                                  mask_floor, MASK_IS_BOOL)
+        x = tl.where(in_mask, x + bias * alpha_1, float("-inf"))
     if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
         allowed = allowed_keys(offs_m, offs_n, Nk, causal_offset, window_offset, IS_CAUSAL, EVEN_N,
                                HAS_WINDOW)
@@ -83,20 +91,33 @@ def slopes(d, p, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr):
 
 
 @triton.jit
-def _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
+def _row_max_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk, causal_offset,
                   window_offset, n_start, n_end,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr,
                   EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope,
-                  alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """The row max, and which rows hold a NaN logit (tl.maximum would pass over it); [BM] each."""
+                  alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, alpha_1, mask,
+                  stride_mm, stride_mn, mask_floor, Nq, HAS_MASK: tl.constexpr,
+                  MASK_IS_BOOL: tl.constexpr, block_map, stride_bm, stride_bn, row0, MAP_BLOCK: tl.constexpr,
+                  HAS_BLOCK_MAP: tl.constexpr):
+    """The row max, and which rows hold a NaN logit (tl.maximum would pass over it); [BM] each.
+    Where tiles may be skipped (a block map, a boolean mask: `tile_live`), the skipped ones are
+    never loaded, and every tile's flag is set to whether it is live, for the Newton passes."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     has_nan = tl.zeros([BLOCK_M], dtype=tl.int32)
     for start_n in range(n_start, n_end, BLOCK_N):
-        x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
-                        window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
-                        alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
-        m_i = tl.maximum(m_i, tl.max(x, 1))
-        has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), 1))
+        cols = start_n + offs_n
+        live = tile_live(block_map, mask, row0, start_n, offs_m[:, None], cols[None, :], Nq, Nk, stride_bm,
+                         stride_bn, stride_mm, stride_mn, MAP_BLOCK, HAS_BLOCK_MAP, HAS_MASK, MASK_IS_BOOL)
+        if live:
+            x = tile_logits(b_q, k + offs_k, x_scale, offs_m, cols, mask_d, Nk, causal_offset, window_offset,
+                            IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope, alibi_offset,
+                            softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor,
+                            Nq,
+                            HAS_MASK, MASK_IS_BOOL)
+            m_i = tl.maximum(m_i, tl.max(x, 1))
+            has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32), 1))
+        if HAS_BLOCK_MAP or (HAS_MASK and MASK_IS_BOOL):
+            tl.store(flags + start_n // BLOCK_N, live.to(tl.int8))
         k += BLOCK_N * stride_kn
     return m_i, has_nan
 
@@ -107,17 +128,24 @@ def _newton_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask
                  TOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, HAS_WINDOW: tl.constexpr, head_slope,
-                 alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                 alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, alpha_1, mask,
+                 stride_mm, stride_mn, mask_floor, Nq, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+                 HAS_BLOCK_MAP: tl.constexpr):
     """`mass = sum_j d^p` and `slope = sum_j d^(p-1)` of `d = [x - m - t]_+`, [BM] each, over the
-    flagged tiles (every tile on the `first` pass); each visited tile's flag is rewritten: clear
-    when all its weights are zero at `t_left`."""
+    flagged tiles (every tile on the `first` pass, but those the row max pass found dead); each
+    visited tile's flag is rewritten: clear when all its weights are zero at `t_left`."""
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(n_start, n_end, BLOCK_N):
-        if first | (tl.load(flags + start_n // BLOCK_N) != 0):
+        visit = tl.load(flags + start_n // BLOCK_N) != 0
+        if not (HAS_BLOCK_MAP or (HAS_MASK and MASK_IS_BOOL)):  # else the row max pass set the flags
+            visit = visit | first
+        if visit:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
                             window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
-                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm,
+                            stride_mn,
+                            mask_floor, Nq, HAS_MASK, MASK_IS_BOOL)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # masked keys: -inf -> 0
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)  # sparsemax: Michelot's support refinement
             mass += tl.sum(u * d, 1)
@@ -163,7 +191,8 @@ def _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
-                      HAS_ALIBI: tl.constexpr, x_sink, HAS_SINK: tl.constexpr):
+                      HAS_ALIBI: tl.constexpr, x_sink, HAS_SINK: tl.constexpr, alpha_1, mask, stride_mm,
+                      stride_mn, mask_floor, Nq, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """alpha = 1.5: on the support S found by the Newton passes (a sink's logit `x_sink` among
     its terms), sum_S (x_j - m - tau)^2 = 1 is a quadratic; returns its root, the exact tau."""
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -176,7 +205,9 @@ def _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n,
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
                             window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
-                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm,
+                            stride_mn,
+                            mask_floor, Nq, HAS_MASK, MASK_IS_BOOL)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)
             s1 += tl.sum(d, 1)
             s2 += tl.sum(d * d, 1)
@@ -194,7 +225,8 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
                  IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, alpha_1, mask, stride_mm, stride_mn, mask_floor, Nq,
+                 HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """`acc = sum_j d_j^p v_j` [BM, BDV] and `l = sum_j d_j^p` [BM] over the tiles still flagged,
     clearing the flag of each that holds no weight at the final tau: the flags left for the
     backward mark exactly the tiles with a non-zero weight."""
@@ -204,7 +236,9 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
         if tl.load(flags + start_n // BLOCK_N) != 0:
             x = tile_logits(b_q, k + offs_k, x_scale, offs_m, start_n + offs_n, mask_d, Nk, causal_offset,
                             window_offset, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope,
-                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
+                            alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm,
+                            stride_mn,
+                            mask_floor, Nq, HAS_MASK, MASK_IS_BOOL)
             d = tl.maximum((x - m_i[:, None]) - t[:, None], 0.0)  # empty rows: t = +inf -> 0
             live = (tl.max(tl.max(d, 1), 0) > 0) | block_has_nan
             if live:
@@ -230,12 +264,16 @@ def entmax_attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, GROUP, Nq, Nk, D, Dv, scale, alpha, causal_offset, window_offset, alibi_offset, softcap, n_qblocks,
     n_kblocks,
+    key_counts, mask, block_map, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, mask_floor,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_STEPS: tl.constexpr, TOL: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     ALPHA_IS_2: tl.constexpr, ALPHA_IS_1_5: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, BISECT_ONLY: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
+    HAS_KEY_COUNTS: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
@@ -262,9 +300,14 @@ def entmax_attention_fwd_kernel(
     p_q = q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                            HAS_LENGTH_SCALE, HAS_WINDOW)
-    x_scale = f_scale * (alpha - 1.0)  # [BM], logits in entmax units
+                            HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row, Nq, HAS_KEY_COUNTS)
+    alpha_1 = alpha - 1.0
+    x_scale = f_scale * alpha_1  # [BM], logits in entmax units
     head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
+    if HAS_MASK:
+        mask += sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
+    if HAS_BLOCK_MAP:
+        block_map += sequence_offset(i_b, i_h, 0, stride_bb, stride_bh, 0)
     p = 1.0 / (alpha - 1.0)  # the weights are d ** p
     # every pass streams the key tiles [n_start, n_end): the causal rule's and the window's
     n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
@@ -274,10 +317,14 @@ def entmax_attention_fwd_kernel(
         v += n_start.to(tl.int64) * stride_vn
     flags = tile_flags + (i_bh.to(tl.int64) * n_qblocks + i_m) * n_kblocks  # this block's row of flags
 
-    m_i, has_nan = _row_max_pass(b_q, k, offs_k, stride_kn, x_scale, offs_m, offs_n, mask_d, Nk,
+    m_i, has_nan = _row_max_pass(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk,
                                  causal_offset, window_offset, n_start, n_end, BLOCK_M, BLOCK_N, IS_CAUSAL,
                                  EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope, alibi_offset, softcap,
-                                 HAS_SOFTCAP, HAS_ALIBI)
+                                 HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor, Nq,
+                                 HAS_MASK, MASK_IS_BOOL,
+                                 block_map, stride_bm, stride_bn, i_m * BLOCK_M, MAP_BLOCK, HAS_BLOCK_MAP)
+    if HAS_BLOCK_MAP or (HAS_MASK and MASK_IS_BOOL):
+        tl.debug_barrier()  # the flags it set are read by other threads of the program
     # A sink is one more logit of every row, with no value: it joins the max, each pass's sums
     # and the output's normalizer, and leaves the tiles and their flags alone.
     x_sink = 0.0
@@ -289,7 +336,8 @@ def entmax_attention_fwd_kernel(
     # [.]_+ (a NaN-dropping maximum) would turn into weight 0, so that the row passed for empty.
     # Such a row takes no part in the search, its output, m and tau are stored as NaN, and its
     # block keeps every tile flagged, so that the backward turns its gradients to NaN too.
-    n_seen = keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW)
+    n_seen = row_keys(key_counts, row, offs_m, Nq, Nk, causal_offset, window_offset, HAS_WINDOW,
+                      HAS_KEY_COUNTS)
     inf_max = (m_i == float("inf")) | ((m_i == float("-inf")) & (n_seen > 0))
     nan_row = mask_m & ((has_nan > 0) | inf_max)
     block_has_nan = tl.max(nan_row.to(tl.int32), 0) > 0
@@ -319,7 +367,9 @@ def entmax_attention_fwd_kernel(
                                    causal_offset, window_offset, n_start, n_end, m_i, t, t_left, p,
                                    n_steps == 0, block_has_nan, TOL, BLOCK_M, BLOCK_N, IS_CAUSAL, EVEN_N,
                                    EVEN_D, DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope,
-                                   alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI)
+                                   alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm,
+                                   stride_mn, mask_floor, Nq, HAS_MASK, MASK_IS_BOOL,
+                                   HAS_BLOCK_MAP)
         if HAS_SINK:
             d_sink = tl.maximum((x_sink - m_i) - t, 0.0)
             u_sink = slopes(d_sink, p, ALPHA_IS_2, ALPHA_IS_1_5)
@@ -333,13 +383,15 @@ def entmax_attention_fwd_kernel(
         t = _alpha_1_5_finish(b_q, k, offs_k, stride_kn, flags, x_scale, offs_m, offs_n, mask_d, Nk,
                               causal_offset, window_offset, n_start, n_end, m_i, t, BLOCK_M, BLOCK_N,
                               IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_WINDOW, head_slope, alibi_offset,
-                              softcap, HAS_SOFTCAP, HAS_ALIBI, x_sink, HAS_SINK)
+                              softcap, HAS_SOFTCAP, HAS_ALIBI, x_sink, HAS_SINK, alpha_1, mask, stride_mm,
+                              stride_mn, mask_floor, Nq, HAS_MASK, MASK_IS_BOOL)
 
     acc, l_i = _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n,
                             mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t, p,
                             block_has_nan, BLOCK_M, BLOCK_N, BLOCK_DV, IS_CAUSAL, EVEN_N, EVEN_D,
                             DOT_PRECISION, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset,
-                            softcap, HAS_SOFTCAP, HAS_ALIBI)
+                            softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor,
+                            Nq, HAS_MASK, MASK_IS_BOOL)
     if HAS_SINK:  # its weight, in the normalizer only
         d_sink = tl.maximum((x_sink - m_i) - t, 0.0)
         l_i += slopes(d_sink, p, ALPHA_IS_2, ALPHA_IS_1_5) * d_sink

@@ -121,14 +121,29 @@ def keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW: tl.constexpr
 
 
 @triton.jit
+def row_keys(key_counts, row, offs_m, Nq, Nk, causal_offset, window_offset, HAS_WINDOW: tl.constexpr,
+             HAS_KEY_COUNTS: tl.constexpr):
+    """n_i [BM]: `keys_seen`, or with a mask or block map the count the launcher's count kernel
+    stored (`key_counts`, laid out as the lse, `row` the head's first row), which no bound
+    alone can give."""
+    if HAS_KEY_COUNTS:
+        n_i = tl.load(key_counts + row + offs_m, mask=offs_m < Nq, other=0)
+    else:
+        n_i = keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW)
+    return n_i
+
+
+@triton.jit
 def row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset,
-               BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+               BLOCK_M: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               key_counts, row, Nq, HAS_KEY_COUNTS: tl.constexpr):
     """Per-row logit factor `scale * f_i` (f_i = s_h ln(n_i), or 1) and, for the gradient of s,
     `scale * ln(n_i)`; both [BM]. Rows that see no key use n_i = 1 (they are masked anyway)."""
     f_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
     ln_n = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_LENGTH_SCALE:
-        n_i = keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW)
+        n_i = row_keys(key_counts, row, offs_m, Nq, Nk, causal_offset, window_offset, HAS_WINDOW,
+                       HAS_KEY_COUNTS)
         ln_n = tl.log(tl.maximum(n_i, 1).to(tl.float32))
         f_scale = f_scale * tl.load(s + i_h) * ln_n
     return f_scale, scale * ln_n
@@ -179,6 +194,47 @@ def allowed_keys(offs_m, offs_n, Nk, causal_offset, window_offset, IS_CAUSAL: tl
     if HAS_WINDOW:
         allowed = allowed & (offs_n[None, :] >= offs_m[:, None] + window_offset)
     return allowed
+
+
+@triton.jit
+def mask_tile(mask, rows, cols, Nq, Nk, stride_mm, stride_mn, mask_floor, MASK_IS_BOOL: tl.constexpr):
+    """`(allowed, bias)` of the `attn_mask` entries at `rows` x `cols` (2-D index tensors that
+    broadcast to the tile: `[BM, 1]` and `[1, BN]`, or transposed), read through the mask's
+    strides from `mask`, the program's (batch, head) base: a broadcast dim has stride 0, so no
+    mask is ever expanded in memory. A boolean mask (bytes) allows its non-zero entries; a float
+    one all but those at or below `mask_floor` (`reference.float_mask_allows`: -inf and the
+    dtype's lowest value; a NaN entry is allowed and poisons its row), and `bias` is the entry
+    where allowed, 0 elsewhere, in natural units (0 for a boolean mask). Entries past Nq or Nk
+    are not read and not allowed."""
+    inside = (rows < Nq) & (cols < Nk)
+    ptrs = mask + rows.to(tl.int64) * stride_mm + cols * stride_mn
+    if MASK_IS_BOOL:
+        allowed = tl.load(ptrs, mask=inside, other=0) != 0
+        bias = 0.0
+    else:
+        entry = tl.load(ptrs, mask=inside, other=float("-inf"))
+        allowed = inside & ((entry != entry) | (entry > mask_floor))
+        bias = tl.where(allowed, entry.to(tl.float32), 0.0)
+    return allowed, bias
+
+
+@triton.jit
+def tile_live(block_map, mask, row0, col0, rows, cols, Nq, Nk, stride_bm, stride_bn, stride_mm, stride_mn,
+              MAP_BLOCK: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, HAS_MASK: tl.constexpr,
+              MASK_IS_BOOL: tl.constexpr):
+    """Whether the tile at (`row0`, `col0`) may hold an allowed key: its block map flag (the map
+    in blocks of MAP_BLOCK, a multiple of every tile, so one flag covers a tile) and, for a
+    boolean mask, any of its entries. A tile that is not live is skipped: no K or V is loaded.
+    True (a constant, so the branch compiles away) without either."""
+    live = True
+    if HAS_MASK:
+        if MASK_IS_BOOL:
+            allowed, _ = mask_tile(mask, rows, cols, Nq, Nk, stride_mm, stride_mn, 0.0, True)
+            live = tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0
+    if HAS_BLOCK_MAP:
+        flag = tl.load(block_map + (row0 // MAP_BLOCK) * stride_bm + (col0 // MAP_BLOCK) * stride_bn) != 0
+        live = flag & live
+    return live
 
 
 @triton.jit

@@ -69,21 +69,27 @@ from .common import (
     window_bounds,
 )
 from .common import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: longattn.kernels.softmax.MAX_HEAD_DIM
+from .masks import count_allowed_keys, mask_args, mask_grad_args, reduce_mask_grad
+from .masks import (
+    count_allowed_keys_kernel as count_allowed_keys_kernel,  # its launches are this family's too
+)
 from .program import (
     alibi_slope,
     allowed_keys,
     head_row,
     key_end,
     key_start,
-    keys_seen,
     load_tile,
+    mask_tile,
     modify_logits,
     program_prologue,
     query_range,
+    row_keys,
     row_scales,
     sequence_offset,
     softcap_slope,
     store_tile,
+    tile_live,
 )
 
 LOG2E = tl.constexpr(math.log2(math.e))  # logits go to base 2 so the kernels can use exp2
@@ -106,12 +112,15 @@ def softmax_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset, alibi_offset, softcap,
+    key_counts, mask, block_map, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, mask_floor,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr, HAS_KEY_COUNTS: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
@@ -139,9 +148,13 @@ def softmax_attention_fwd_kernel(
     p_q = q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                            HAS_LENGTH_SCALE, HAS_WINDOW)
+                            HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row, Nq, HAS_KEY_COUNTS)
     row_scale = f_scale * LOG2E  # [BM], logits in base 2
     head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
+    if HAS_MASK:
+        mask += sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
+    if HAS_BLOCK_MAP:
+        block_map += sequence_offset(i_b, i_h, 0, stride_bb, stride_bh, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(z - m_i)
@@ -154,27 +167,36 @@ def softmax_attention_fwd_kernel(
         k += n_start.to(tl.int64) * stride_kn
         v += n_start.to(tl.int64) * stride_vn
     for start_n in range(n_start, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
-        mask_n = start_n + offs_n < Nk
-        b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
-        b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
-        # [BM, BN] = [BM, BD] @ [BD, BN]
-        z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        if HAS_SOFTCAP or HAS_ALIBI:
-            distance = (start_n + offs_n)[None, :] - offs_m[:, None] - alibi_offset
-            z = modify_logits(z, distance, head_slope, softcap, HAS_SOFTCAP, HAS_ALIBI)
-        if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
-            allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
-                                   EVEN_N, HAS_WINDOW)
-            z = tl.where(allowed, z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        # A row with no allowed key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(z - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # [BM, BDV] += [BM, BN] @ [BN, BDV]
-        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        cols = start_n + offs_n
+        # a tile the block map clears, or a boolean mask wholly, is skipped: no K or V is read
+        if tile_live(block_map, mask, i_m * BLOCK_M, start_n, offs_m[:, None], cols[None, :], Nq, Nk,
+                     stride_bm,
+                     stride_bn, stride_mm, stride_mn, MAP_BLOCK, HAS_BLOCK_MAP, HAS_MASK, MASK_IS_BOOL):
+            mask_n = cols < Nk
+            b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
+            b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
+            # [BM, BN] = [BM, BD] @ [BD, BN]
+            z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            if HAS_SOFTCAP or HAS_ALIBI:
+                distance = cols[None, :] - offs_m[:, None] - alibi_offset
+                z = modify_logits(z, distance, head_slope, softcap, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_MASK:  # the mask's bias after the cap, as the reference adds it
+                in_mask, bias = mask_tile(mask, offs_m[:, None], cols[None, :], Nq, Nk, stride_mm, stride_mn,
+                                          mask_floor, MASK_IS_BOOL)
+                z = tl.where(in_mask, z + bias * LOG2E, float("-inf"))
+            if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
+                allowed = allowed_keys(offs_m, cols, Nk, causal_offset, window_offset, IS_CAUSAL, EVEN_N,
+                                       HAS_WINDOW)
+                z = tl.where(allowed, z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, 1))
+            # A row with no allowed key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(z - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # [BM, BDV] += [BM, BN] @ [BN, BDV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+            m_i = m_new
         k += BLOCK_N * stride_kn
         v += BLOCK_N * stride_vn
 
@@ -184,7 +206,9 @@ def softmax_attention_fwd_kernel(
     # makes l NaN by itself.)
     no_weight = l_i == 0.0
     l_safe = tl.where(no_weight, 1.0, l_i)
-    undefined = no_weight & (keys_seen(offs_m, Nk, causal_offset, window_offset, HAS_WINDOW) > 0)
+    n_seen = row_keys(key_counts, row, offs_m, Nq, Nk, causal_offset, window_offset, HAS_WINDOW,
+                      HAS_KEY_COUNTS)
+    undefined = no_weight & (n_seen > 0)
     b_o = tl.where(undefined[:, None], float("nan"), acc / l_safe[:, None])
     p_o = o + offs_m64[:, None] * stride_om + offs_dv[None, :] * stride_od
     store_tile(p_o, b_o.to(o.dtype.element_ty), mask_m, mask_dv, EVEN_M, EVEN_D)
@@ -238,12 +262,15 @@ def softmax_attention_bwd_kernel_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hq, Hkv, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset, alibi_offset, softcap,
+    key_counts, mask, block_map, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, mask_floor,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr, HAS_KEY_COUNTS: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]."""
@@ -281,36 +308,50 @@ def softmax_attention_bwd_kernel_dkdv(
         do_h = do + sequence_offset(i_b, i_h, bos_q, stride_dob, stride_doh, stride_dom) \
             + start_m.to(tl.int64) * stride_dom
         row_h = head_row(i_b, i_h, Hq, stride_rows_h, bos_q, IS_VARLEN)  # row offset into lse / delta
+        mask_h, block_map_h = mask, block_map
+        if HAS_MASK:
+            mask_h = mask + sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
+        if HAS_BLOCK_MAP:
+            block_map_h = block_map + sequence_offset(i_b, i_h, 0, stride_bb, stride_bh, 0)
         for m0 in range(start_m, end_m, BLOCK_M):
             rows = m0 + offs_m
-            mask_m = rows < Nq
-            b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
-            b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
-            b_lse, b_delta = _load_row_stats(lse + row_h, delta + row_h, rows, mask_m)
-            f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                                    HAS_LENGTH_SCALE, HAS_WINDOW)
-            # [BN, BM] = [BN, BD] @ [BD, BM]
-            qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
-            z_t = qk_t * (f_scale * LOG2E)[None, :]
-            if HAS_SOFTCAP or HAS_ALIBI:
-                z_raw = z_t
-                z_t = modify_logits(z_t, offs_n[:, None] - rows[None, :] - alibi_offset,
-                                    alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), softcap, HAS_SOFTCAP,
-                                    HAS_ALIBI)
-            p_t = tl.exp2(z_t - b_lse[None, :])
-            if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
-                p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
-            if HAS_WINDOW:
-                p_t = tl.where(offs_n[:, None] >= rows[None, :] + window_offset, p_t, 0.0)
-            # [BN, BDV] += [BN, BM] @ [BM, BDV]
-            b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            # [BN, BM] = [BN, BDV] @ [BDV, BM]
-            dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-            # dz_ij = P_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
-            ds_t = p_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
-            if HAS_SOFTCAP:  # through the cap, to the uncapped logits
-                ds_t = ds_t * softcap_slope(z_raw, softcap)
-            b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
+            if tile_live(block_map_h, mask_h, m0, i_n * BLOCK_N, rows[None, :], offs_n[:, None], Nq, Nk,
+                         stride_bm, stride_bn, stride_mm, stride_mn, MAP_BLOCK, HAS_BLOCK_MAP, HAS_MASK,
+                         MASK_IS_BOOL):
+                mask_m = rows < Nq
+                b_q = load_tile(q_h + offs_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
+                b_do = load_tile(do_h + offs_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
+                b_lse, b_delta = _load_row_stats(lse + row_h, delta + row_h, rows, mask_m)
+                f_scale, _ = row_scales(s, i_h, rows, Nk, scale, causal_offset, window_offset, BLOCK_M,
+                                        HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row_h, Nq, HAS_KEY_COUNTS)
+                # [BN, BM] = [BN, BD] @ [BD, BM]
+                qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
+                z_t = qk_t * (f_scale * LOG2E)[None, :]
+                if HAS_SOFTCAP or HAS_ALIBI:
+                    z_raw = z_t
+                    z_t = modify_logits(z_t, offs_n[:, None] - rows[None, :] - alibi_offset,
+                                        alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), softcap, HAS_SOFTCAP,
+                                        HAS_ALIBI)
+                if HAS_MASK:
+                    in_mask, bias_t = mask_tile(mask_h, rows[None, :], offs_n[:, None], Nq, Nk, stride_mm,
+                                                stride_mn, mask_floor, MASK_IS_BOOL)
+                    z_t = z_t + bias_t * LOG2E
+                p_t = tl.exp2(z_t - b_lse[None, :])
+                if HAS_MASK:
+                    p_t = tl.where(in_mask, p_t, 0.0)
+                if IS_CAUSAL:  # keys past Nk need no mask: their rows of dK, dV are never stored
+                    p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+                if HAS_WINDOW:
+                    p_t = tl.where(offs_n[:, None] >= rows[None, :] + window_offset, p_t, 0.0)
+                # [BN, BDV] += [BN, BM] @ [BM, BDV]
+                b_dv += tl.dot(p_t.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+                # [BN, BM] = [BN, BDV] @ [BDV, BM]
+                dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+                # dz_ij = P_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
+                ds_t = p_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
+                if HAS_SOFTCAP:  # through the cap, to the uncapped logits
+                    ds_t = ds_t * softcap_slope(z_raw, softcap)
+                b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
             q_h += BLOCK_M * stride_qm
             do_h += BLOCK_M * stride_dom
 
@@ -332,15 +373,22 @@ def softmax_attention_bwd_kernel_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, GROUP, Nq, Nk, D, Dv, scale, causal_offset, window_offset, alibi_offset, softcap,
+    key_counts, mask, block_map, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn, mask_floor,
+    dmask, stride_gb, stride_gh, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_LENGTH_SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr, HAS_KEY_COUNTS: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
-    `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic)."""
+    `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic). With
+    MASK_GRAD, each logit's gradient dz_ij is the float mask's at (i, j), added into `dmask`
+    through its broadcast strides (atomically: heads or batches that share a mask entry meet)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
         program_prologue(i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset,
@@ -368,9 +416,15 @@ def softmax_attention_bwd_kernel_dq(
     b_do = load_tile(p_do, mask_m, mask_dv, EVEN_M, EVEN_D)  # [BM, BDV]
     b_lse, b_delta = _load_row_stats(lse + row, delta + row, offs_m, mask_m)
     f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
-                                   HAS_LENGTH_SCALE, HAS_WINDOW)
+                                   HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row, Nq, HAS_KEY_COUNTS)
     row_scale = f_scale * LOG2E
     head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
+    if HAS_MASK:
+        mask += sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
+    if HAS_BLOCK_MAP:
+        block_map += sequence_offset(i_b, i_h, 0, stride_bb, stride_bh, 0)
+    if MASK_GRAD:
+        dmask += sequence_offset(i_b, i_h, 0, stride_gb, stride_gh, 0)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
@@ -379,28 +433,42 @@ def softmax_attention_bwd_kernel_dq(
         k += n_start.to(tl.int64) * stride_kn
         v += n_start.to(tl.int64) * stride_vn
     for start_n in range(n_start, key_end(i_m, Nq, Nk, causal_offset, BLOCK_M), BLOCK_N):
-        mask_n = start_n + offs_n < Nk
-        b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
-        b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
-        z = qk * row_scale[:, None]
-        if HAS_SOFTCAP or HAS_ALIBI:
-            z_raw = z
-            distance = (start_n + offs_n)[None, :] - offs_m[:, None] - alibi_offset
-            z = modify_logits(z, distance, head_slope, softcap, HAS_SOFTCAP, HAS_ALIBI)
-        p = tl.exp2(z - b_lse[:, None])
-        if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
-            allowed = allowed_keys(offs_m, start_n + offs_n, Nk, causal_offset, window_offset, IS_CAUSAL,
-                                   EVEN_N, HAS_WINDOW)
-            p = tl.where(allowed, p, 0.0)
-        dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN] = [BM, BDV] @ [BDV, BN]
-        dz = p * (dp - b_delta[:, None])
-        if HAS_SOFTCAP:  # through the cap, to the uncapped logits
-            dz = dz * softcap_slope(z_raw, softcap)
-        b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
-        if HAS_LENGTH_SCALE:
-            # Summed directly, not recovered from dQ: that would divide by f_i, 0 when n_i = 1.
-            b_ds += tl.sum(dz * qk, 1)
+        cols = start_n + offs_n
+        if tile_live(block_map, mask, i_m * BLOCK_M, start_n, offs_m[:, None], cols[None, :], Nq, Nk,
+                     stride_bm,
+                     stride_bn, stride_mm, stride_mn, MAP_BLOCK, HAS_BLOCK_MAP, HAS_MASK, MASK_IS_BOOL):
+            mask_n = cols < Nk
+            b_k = load_tile(k + offs_k, mask_n, mask_d, EVEN_N, EVEN_D)  # [BN, BD]
+            b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
+            qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN]
+            z = qk * row_scale[:, None]
+            if HAS_SOFTCAP or HAS_ALIBI:
+                z_raw = z
+                distance = cols[None, :] - offs_m[:, None] - alibi_offset
+                z = modify_logits(z, distance, head_slope, softcap, HAS_SOFTCAP, HAS_ALIBI)
+            if HAS_MASK:
+                in_mask, bias = mask_tile(mask, offs_m[:, None], cols[None, :], Nq, Nk, stride_mm, stride_mn,
+                                          mask_floor, MASK_IS_BOOL)
+                z = z + bias * LOG2E
+            p = tl.exp2(z - b_lse[:, None])
+            if HAS_MASK:
+                p = tl.where(in_mask, p, 0.0)
+            if IS_CAUSAL or HAS_WINDOW or not EVEN_N:
+                allowed = allowed_keys(offs_m, cols, Nk, causal_offset, window_offset, IS_CAUSAL, EVEN_N,
+                                       HAS_WINDOW)
+                p = tl.where(allowed, p, 0.0)
+            # [BM, BN] = [BM, BDV] @ [BDV, BN]
+            dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+            dz = p * (dp - b_delta[:, None])
+            if MASK_GRAD:  # the bias is added after the cap: its gradient is dz itself
+                p_dmask = dmask + offs_m64[:, None] * stride_gm + cols[None, :] * stride_gn
+                tl.atomic_add(p_dmask, dz, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+            if HAS_SOFTCAP:  # through the cap, to the uncapped logits
+                dz = dz * softcap_slope(z_raw, softcap)
+            b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]
+            if HAS_LENGTH_SCALE:
+                # Summed directly, not recovered from dQ: that would divide by f_i, 0 when n_i = 1.
+                b_ds += tl.sum(dz * qk, 1)
         k += BLOCK_N * stride_kn
         v += BLOCK_N * stride_vn
 
@@ -423,7 +491,8 @@ def softmax_attention_fwd(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides.
     `causal_offset`: None (no mask) or key j allowed for row i iff j <= i + causal_offset.
@@ -439,6 +508,12 @@ def softmax_attention_fwd(
     to the logits (flash-attn's ALiBi), computed in the kernel.
     `sink`: None or `(Hq,)` logits, one more term of every row's softmax with no value (gpt-oss):
     the lse counts it, so a row's weights on its keys sum to less than 1.
+    `attn_mask` (dense only): None, or a bool (True = attend) or float (added to the logits after
+    the cap; -inf and the dtype's lowest value mask) tensor broadcastable to (B, Hq, Nq, Nk),
+    read through its strides; tiles a boolean mask wholly masks are skipped.
+    `block_map` (dense only): None, or bool flags broadcastable to (B, Hq, cdiv(Nq, map_block),
+    cdiv(Nk, map_block)), `map_block` a multiple of 64: the blocks it clears are masked, and
+    their tiles skipped (`kernels/masks.py`).
     Returns `out` (B, Hq, Nq, Dv) in q's dtype and the natural-log `lse` (B, Hq, Nq) in fp32.
 
     Varlen, with `cu_seqlens_q`, `cu_seqlens_k` (int32, `(num_docs + 1,)`, checked by the caller)
@@ -460,9 +535,17 @@ def softmax_attention_fwd(
     mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, LOG2E_FLOAT,
                            q.device)
     alibi = mods.pop("alibi")
+    masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
+    counts = count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset, has_window, window,
+                                q.device)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
+    if masking.mask is not None and q.dtype != torch.float32:
+        # A mask tile is loaded in the dot's layout, 16 entries a thread at 4 warps: ptxas spilled
+        # (255 registers and 72 bytes of stack on sm_80, D = 64, fp16, causal, length-scaled);
+        # 8 warps halve the entries a thread holds and take 232, no spill.
+        num_warps = 8
     softmax_attention_fwd_kernel[grid](
         q, k, v, out, lse, length_scale_vector(length_scale, Hq, q.device), cu_seqlens_q, cu_seqlens_k,
         seqused_k, alibi, sink_vector(sink, Hq, q.device), *strides(q, varlen), *strides(k, varlen),
@@ -471,6 +554,7 @@ def softmax_attention_fwd(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         IS_CAUSAL=is_causal, CAUSAL_FROM_END=from_end, HAS_WINDOW=has_window,
         DOT_PRECISION=dot_precision(q.dtype), HAS_SINK=sink is not None, **mods,
+        **masking.kernel_args(counts),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -484,16 +568,19 @@ def softmax_attention_bwd(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128, mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
     """Gradients of `softmax_attention_fwd` from the upstream `do` (and `dlse`, the gradient of
     the lse, if any). `out` and `lse` may come from elsewhere, e.g. merged over key shards: P is
     recomputed as exp(z - lse). Returns `dq`, `dk`, `dv` in the inputs' dtypes, `ds`, the
     gradient of the `(Hq,)` length scale in fp32 (None without length scaling), and `dsink`, the
-    sink's, `-sum_i exp(sink - lse_i) delta_i` (None without one). Varlen as in
+    sink's, `-sum_i exp(sink - lse_i) delta_i` (None without one), and `dmask`, with
+    `mask_grad` a float mask's, in its shape and dtype (None otherwise). Varlen as in
     `softmax_attention_fwd`, the tensors in its packed layouts; `seqused_k`, `window_offset`,
-    `softcap` and the ALiBi arguments as there (the keys outside the first two get gradient 0;
-    the slopes get none)."""
+    `softcap`, the ALiBi arguments, `attn_mask` and the block map as there (the keys outside
+    the first two get gradient 0; the slopes get none)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -503,15 +590,26 @@ def softmax_attention_bwd(
                            q.device)
     alibi = mods.pop("alibi")
     s = length_scale_vector(length_scale, Hq, q.device)
+    masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
+    # n_i only scales the logits: without length scaling the backward needs no count
+    counts = None if s is None else count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset,
+                                                       has_window, window, q.device)
+    dmask, dmask_args = mask_grad_args(attn_mask, mask_grad, B, Hq, Nq, Nk)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages = tile_config(
         max(BLOCK_D, BLOCK_DV), q.dtype, backward=True
     )
+    rows_streamed = BLOCK_STREAMED
+    if masking.mask is not None and q.dtype != torch.float32:
+        # As the forward's: 4 warps spilled 24-56 bytes on sm_80 (D = 64, bf16), and dK/dV, whose
+        # mask tile is transposed, 48-72 bytes streaming 32 rows (sm_80 D = 64, sm_90 D = 128);
+        # 8 warps and 16 rows take 177-255 registers, none.
+        num_warps, rows_streamed = 8, 16
     common = {"BLOCK_D": BLOCK_D, "BLOCK_DV": BLOCK_DV, "IS_CAUSAL": is_causal, "CAUSAL_FROM_END": from_end,
               "HAS_WINDOW": has_window, "DOT_PRECISION": dot_precision(q.dtype), "num_warps": num_warps,
-              "num_stages": num_stages, **mods}
+              "num_stages": num_stages, **mods, **masking.kernel_args(counts)}
 
     # delta is row-wise: varlen runs it over the packed rows as one sequence, (1, Hq, total_q).
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -533,7 +631,7 @@ def softmax_attention_bwd(
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
-            BLOCK_M=BLOCK_STREAMED, BLOCK_N=BLOCK_HELD, **common,
+            BLOCK_M=rows_streamed, BLOCK_N=BLOCK_HELD, **common,
         )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -544,14 +642,15 @@ def softmax_attention_bwd(
             *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(do, varlen),
             *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, offset, window,
-            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common,
+            BLOCK_M=BLOCK_HELD, BLOCK_N=BLOCK_STREAMED, **common, **dmask_args,
         )
     dsink = None
     if sink is not None:  # d out_i / d sink = -p_sink,i out_i, so dsink = -sum_i p_sink,i delta_i
         sink_rows = sink_vector(sink, Hq, q.device).view(-1, 1)  # against (B, Hq, Nq) or (Hq, total_q)
         p_sink = torch.exp(sink_rows - lse).masked_fill(lse == float("-inf"), 0.0)  # no weight at all: 0
         dsink = per_head_from_rows(-p_sink * delta, varlen)
-    return dq, dk, dv, None if s is None else per_head_from_rows(ds_row, varlen), dsink
+    return (dq, dk, dv, None if s is None else per_head_from_rows(ds_row, varlen), dsink,
+            reduce_mask_grad(dmask, attn_mask))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,12 +665,14 @@ def _fwd_op(
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
     causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return softmax_attention_fwd(q, k, v, scale, causal_offset, length_scale,
                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
                                  seqused_k=seqused_k, window_offset=window_offset, softcap=softcap,
-                                 alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink)
+                                 alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink,
+                                 attn_mask=attn_mask, block_map=block_map, map_block=map_block)
 
 
 @_fwd_op.register_fake
@@ -590,22 +691,23 @@ def _bwd_op(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, causal_from_end: bool = False,
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
-    sink: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds, dsink = softmax_attention_bwd(do, q, k, v, out, lse, scale, causal_offset, length_scale,
-                                                  dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                  max_seqlen_k,
-                                                  causal_from_end, seqused_k=seqused_k,
-                                                  window_offset=window_offset, softcap=softcap,
-                                                  alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
-                                                  sink=sink)
-    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink)
+    sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None, map_block: int = 128, mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, ds, dsink, dmask = softmax_attention_bwd(
+        do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, causal_from_end, seqused_k=seqused_k, window_offset=window_offset,
+        softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink, attn_mask=attn_mask,
+        block_map=block_map, map_block=map_block, mask_grad=mask_grad)
+    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink), op_optional_grad(q, dmask)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, causal_offset, length_scale, dlse, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, *modifiers):
-    return fake_gradients(q, k, v, length_scale, modifiers[-1] if len(modifiers) == 6 else None)
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
+      window_offset=None, softcap=None, alibi_slopes=None, alibi_offset=None, sink=None, attn_mask=None,
+      block_map=None, map_block=128, mask_grad=False):
+    return fake_gradients(q, k, v, length_scale, sink, attn_mask if mask_grad else None)
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -619,54 +721,62 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd; outputs `(out, lse)`.
-    `seqused_k` (dense mode's key lengths), `window_offset`, `softcap`, `alibi_slopes` and
-    `alibi_offset` may be None; the trailing
-    arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are
-    given in varlen mode only. Forward and `setup_context` apart, as torch.func needs; its vmap
-    rule is generated from the ops' (`vmap_by_loop`)."""
+    `seqused_k` (dense mode's key lengths), `window_offset`, `softcap`, `alibi_slopes`,
+    `alibi_offset`, `sink`, `attn_mask` and `block_map` may be None (the last two dense only; a
+    float mask may require grad); the trailing arguments, `(cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only. Forward and
+    `setup_context` apart, as torch.func needs; its vmap rule is generated from the ops'
+    (`vmap_by_loop`)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, softcap, alibi_slopes,
-                alibi_offset, sink, *varlen):
+                alibi_offset, sink, attn_mask, block_map, map_block, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
         return torch.ops.longattn.softmax_attention_fwd(q, k, v, scale, causal_offset, s, *varlen,
                                                         seqused_k=seqused_k, window_offset=window_offset,
                                                         softcap=softcap, alibi_slopes=alibi_slopes,
-                                                        alibi_offset=alibi_offset, sink=sink)
+                                                        alibi_offset=alibi_offset, sink=sink,
+                                                        attn_mask=attn_mask, block_map=block_map,
+                                                        map_block=map_block)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, scale, causal_offset, length_scale, seqused_k, window_offset, softcap, alibi_slopes, \
-            alibi_offset, sink, *varlen = inputs
+            alibi_offset, sink, attn_mask, block_map, map_block, *varlen = inputs
         out, lse = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, out, lse, s, seqused_k, alibi_slopes, sink,
+        ctx.save_for_backward(q, k, v, out, lse, s, seqused_k, alibi_slopes, sink, attn_mask, block_map,
                               *save_varlen_args(ctx, tuple(varlen)))
         ctx.scale, ctx.causal_offset, ctx.window_offset = scale, causal_offset, window_offset
-        ctx.softcap, ctx.alibi_offset = softcap, alibi_offset
+        ctx.softcap, ctx.alibi_offset, ctx.map_block = softcap, alibi_offset, map_block
         save_length_scale_meta(ctx, length_scale)
         ctx.set_materialize_grads(False)  # so an unused lse costs nothing in the backward
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, s, seqused_k, alibi_slopes, sink, *cu_seqlens = ctx.saved_tensors
+        q, k, v, out, lse, s, seqused_k, alibi_slopes, sink, attn_mask, block_map, *cu_seqlens = \
+            ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
+        mask_grad = bool(ctx.needs_input_grad[12]) and attn_mask is not None and attn_mask.is_floating_point()
         # No graph through the op: custom ops wrap themselves for autograd in a Function
         # torch.func refuses. first_order_only gives the gradients theirs.
         with torch.no_grad():
-            dq, dk, dv, ds, dsink = torch.ops.longattn.softmax_attention_bwd(
+            dq, dk, dv, ds, dsink, dmask = torch.ops.longattn.softmax_attention_bwd(
                 dout, q, k, v, out, lse, ctx.scale, ctx.causal_offset, s, dlse,
                 *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
                 softcap=ctx.softcap, alibi_slopes=alibi_slopes, alibi_offset=ctx.alibi_offset, sink=sink,
+                attn_mask=attn_mask, block_map=block_map, map_block=ctx.map_block, mask_grad=mask_grad,
             )
-        dq, dk, dv, ds, dsink = first_order_only("longattn::softmax_attention_bwd", (dq, dk, dv, ds, dsink),
-                                                 (dout, dlse, q, k, v, out, lse, s, sink))
+        dq, dk, dv, ds, dsink, dmask = first_order_only(
+            "longattn::softmax_attention_bwd", (dq, dk, dv, ds, dsink, dmask),
+            (dout, dlse, q, k, v, out, lse, s, sink, attn_mask))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[5])
         return (dq, dk, dv, None, None, d_length_scale, None, None, None, None, None,
-                sink_grad(sink, dsink, ctx.needs_input_grad[11]), *varlen_no_grads(ctx, cu_seqlens))
+                sink_grad(sink, dsink, ctx.needs_input_grad[11]), dmask if mask_grad else None, None, None,
+                *varlen_no_grads(ctx, cu_seqlens))
 
 
 def softmax_attention(
@@ -683,6 +793,9 @@ def softmax_attention(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None,
+    map_block: int = 128,
 ):
     """Softmax attention by the tiled Triton kernels (the Triton interpreter on CPU, with
     `TRITON_INTERPRET=1` set before longattn is imported).
@@ -714,6 +827,13 @@ def softmax_attention(
             slopes get no gradient.
         sink: None or a float `(Hq,)` tensor: one more logit per head in every row's softmax,
             with no value (gpt-oss's attention sinks); it may require grad.
+        attn_mask: None, a bool mask (True = attend) or a float one (added to the logits after
+            the cap; its -inf and lowest-value entries mask), broadcastable to `(B, Hq, Nq, Nk)`
+            and read tile by tile through its strides, never expanded; a float mask may require
+            grad. Tiles a boolean mask wholly masks are skipped.
+        block_map, map_block: None, or bool flags broadcastable to `(B, Hq, cdiv(Nq, map_block),
+            cdiv(Nk, map_block))`, `map_block` a multiple of 64 (FlexAttention's `BlockMask`
+            in spirit): the blocks it clears are masked, and their tiles never visited.
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype (and the lse). A row with no key gives 0 (lse -inf) and
@@ -727,7 +847,8 @@ def softmax_attention(
     alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k,
-                                              window_offset, softcap, alibi_slopes, alibi_offset, sink)
+                                              window_offset, softcap, alibi_slopes, alibi_offset, sink,
+                                              attn_mask, block_map, map_block)
     return (out, lse) if return_lse else out
 
 
@@ -784,7 +905,7 @@ def softmax_varlen_attention(
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     out, lse = SoftmaxAttentionFunction.apply(
         q, k, v, scale, causal_offset, length_scale, None, window_offset, softcap, alibi_slopes,
-        alibi_offset, sink,
+        alibi_offset, sink, None, None, 128,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )
     return (out, lse) if return_lse else out

@@ -6,6 +6,7 @@ public API.
 """
 
 from longattn.attention import (
+    BlockMap,
     MultiheadAttention,
     ScaledDotProductAttention,
     scaled_dot_product_attention,
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "scaled_dot_product_attention", "varlen_attention", "ScaledDotProductAttention", "MultiheadAttention",
-    "__version__",
+    "BlockMap", "__version__",
 ]

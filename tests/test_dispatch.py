@@ -10,6 +10,7 @@ import torch
 
 import longattn
 from longattn.attention import backends, checks, dispatch, normalizers
+from longattn.attention.block_map import BlockMap
 from longattn.attention.call import PackedDocs
 from longattn.models import TransformerConfig, needle
 
@@ -32,7 +33,7 @@ def test_auto_picks_the_torch_path_on_cpu():
 @pytest.mark.parametrize("normalizer,alpha", [("sparsemax", 1.5), ("entmax", 1.5), ("entmax", 1.7)])
 def test_triton_through_the_public_function(normalizer, alpha):
     """backend="triton" reaches the kernels (sparsemax as alpha 2) with the same values as the
-    kernel entry; a mask is refused with the reason."""
+    kernel entry, with a mask too."""
     from longattn.kernels import entmax as kem
 
     q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
@@ -42,9 +43,11 @@ def test_triton_through_the_public_function(normalizer, alpha):
     _, kernel_alpha, _ = normalizers.canonical(normalizer, alpha, None)
     assert kernel_alpha == (2.0 if normalizer == "sparsemax" else alpha)
     assert torch.equal(out, kem.entmax_attention(q, k, v, alpha=kernel_alpha, is_causal=True))
-    with pytest.raises(ValueError, match="backend='triton'.*attn_mask"):
-        longattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(11, 11, dtype=torch.bool),
-                                              enable_gqa=True, normalizer=normalizer, backend="triton")
+    mask = torch.rand(2, 1, 11, 11, device=KERNEL_DEVICE) < 0.7
+    out = longattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                normalizer=normalizer,
+                                                alpha=alpha, backend="triton")
+    assert torch.equal(out, kem.entmax_attention(q, k, v, alpha=kernel_alpha, attn_mask=mask))
 
 
 def test_canonical_forms():
@@ -60,9 +63,6 @@ def test_canonical_forms():
 
 REFUSED = [
     # (id, call, words the message must hold)
-    ("triton-entmax-mask", dict(normalizer="entmax", attn_mask=torch.ones(5, 6, dtype=torch.bool)),
-     "backend='triton'.*attn_mask"),
-    ("triton-mask", dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), "backend='triton'.*attn_mask"),
     ("triton-dropout", dict(dropout_p=0.1), "backend='triton'.*dropout_p"),
 ]
 
@@ -254,6 +254,7 @@ def _feature_call(feature, device):
         "causal_offset": dict(causal_offset=3), "window_size": dict(window=(2, -1)),
         "seqused_k": dict(seqused_k=torch.tensor([3, 7], dtype=torch.int32, device=device)),
         "attn_mask": dict(attn_mask=torch.rand(5, 7, device=device) > 0.5), "dropout_p": dict(dropout_p=0.1),
+        "block_map": dict(block_map=BlockMap(torch.ones(1, 1, dtype=torch.bool, device=device), 64)),
         "softcap": dict(softcap=2.0), "alibi_slopes": dict(alibi_slopes=torch.rand(1, 2, device=device)),
         "sink": dict(sink=torch.zeros(2, device=device)), "float64": {},
     }[feature]

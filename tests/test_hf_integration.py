@@ -349,9 +349,9 @@ def test_compile_fullgraph(settings):
 
 @pytest.mark.parametrize("normalizer", ["softmax", "entmax"])
 def test_triton_backend_runs_what_the_kernels_serve(normalizer):
-    """backend="triton" (the interpreter, float32): unpadded batches and packed documents run on
-    the kernels and match the torch path; a padded batch needs a mask, which the kernels do not
-    take yet: "triton" refuses it, naming the reason, and "auto" runs it on torch."""
+    """backend="triton" (the interpreter, float32): unpadded batches, packed documents and a
+    left-padded batch (its mask read by the kernels) run on the kernels and match the torch
+    path, which "auto" takes on CPU."""
     models = {b: converted("llama", {"normalizer": normalizer, "length_scale": None}, backend=b).eval()
               for b in ("triton", "torch", "auto")}
     models["triton"].load_state_dict(models["torch"].state_dict())
@@ -364,8 +364,8 @@ def test_triton_backend_runs_what_the_kernels_serve(normalizer):
             got, want = (models[b](**inputs).logits for b in ("triton", "torch"))
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         ids, mask = batch("left", batch_size=2, length=9)
-        with pytest.raises(ValueError, match="attn_mask is not supported by the kernels"):
-            models["triton"](ids, attention_mask=mask)
+        torch.testing.assert_close(models["triton"](ids, attention_mask=mask).logits,
+                                   models["torch"](ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(models["auto"](ids, attention_mask=mask).logits,
                                    models["torch"](ids, attention_mask=mask).logits, rtol=0, atol=0)
 

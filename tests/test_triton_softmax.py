@@ -213,8 +213,8 @@ def test_backward_from_merged_key_shards():
     torch.testing.assert_close(merged_lse, lse)
 
     do = torch.randn_like(out)
-    dq, dk, dv, ds, _ = ksm.softmax_attention_bwd(do, q, k, v, out, lse, 0.25, 7)
-    (dq0, dk0, dv0, _, _), (dq1, dk1, dv1, _, _) = (
+    dq, dk, dv, ds, _, _ = ksm.softmax_attention_bwd(do, q, k, v, out, lse, 0.25, 7)
+    (dq0, dk0, dv0, *_), (dq1, dk1, dv1, *_) = (
         ksm.softmax_attention_bwd(do, q, k[:, :, sl], v[:, :, sl], merged, merged_lse, 0.25, off)
         for sl, off in shards
     )
