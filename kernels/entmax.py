@@ -42,7 +42,9 @@ tiles only.
 Varlen mode (`IS_VARLEN`, set when the launchers get `cu_seqlens_q` / `cu_seqlens_k`): as in
 `kernels/softmax.py`, each program reads its document's offsets and lengths from cu_seqlens.
 Key lengths (`HAS_KEY_LENGTHS`, `seqused_k`) too: the tiles past a batch's are never visited,
-so their flags stay clear.
+so their flags stay clear. Masks and block maps as in `kernels/softmax.py` (the bias in entmax
+units, times alpha - 1): where tiles may be skipped, the row max pass sets each tile's flag to
+whether it is live, so no later pass, the backward's included, loads a skipped one.
 """
 
 from __future__ import annotations

@@ -125,10 +125,16 @@ def mask_args(attn_mask: torch.Tensor | None, block_map: torch.Tensor | None, ma
             raise TypeError(f"attn_mask must be bool (True = attend) or floating (added); "
                             f"got {attn_mask.dtype}")
         is_bool = attn_mask.dtype == torch.bool
-        if attn_mask.dtype == torch.float64:  # masked entries stay masked in float32
+        if attn_mask.dtype == torch.float64:
             from ..attention.reference import float_mask_allows
 
-            attn_mask = torch.where(float_mask_allows(attn_mask), attn_mask.float(), float("-inf"))
+            # masked entries stay masked in float32, and allowed ones below its range stay allowed
+            # (just above its lowest value, which masks): counted in n_i, with weight 0
+            least = torch.nextafter(torch.tensor(torch.finfo(torch.float32).min), torch.tensor(0.0)).item()
+            attn_mask = torch.where(float_mask_allows(attn_mask), attn_mask.float().clamp(min=least),
+                                    float("-inf"))
+        if attn_mask.dim() and attn_mask.stride(-1) * (attn_mask.shape[-1] - 1) >= 2**31:
+            attn_mask = attn_mask.contiguous()  # the kernels' key offsets are int32; rows' are int64
         mask = _broadcast_view(attn_mask, (B, Hq, Nq, Nk), "attn_mask", device)
         if is_bool:
             mask = mask.view(torch.uint8)

@@ -27,6 +27,12 @@ Key lengths (`HAS_KEY_LENGTHS`, set when the launchers get `seqused_k`, dense mo
 program takes its batch's `clamp(seqused_k[b], 0, Nk)` as Nk (`program_prologue`), so the keys
 past it are outside every loop bound, mask and `n_i`, as flash-attn's `seqused_k`; the dK/dV
 programs past it return at once, the launcher having zero-filled dK and dV.
+
+Masks (`HAS_MASK`, dense only; `kernels/masks.py`): an `attn_mask` is read tile by tile through
+the strides of its broadcast view, bool or float (its bias added after the cap, in base 2 like
+the logits), and a float mask's gradient, each logit's `dz`, is added atomically by the dQ
+programs. A tile a boolean mask masks wholly, or that a block map (`HAS_BLOCK_MAP`) clears, is
+skipped without loading K or V; `n_i` then comes from the count kernel (`HAS_KEY_COUNTS`).
 """
 
 from __future__ import annotations

@@ -133,38 +133,37 @@ def _document_mask(n, bounds):
 @pytest.mark.usefixtures("nan_empty")
 @pytest.mark.parametrize("normalizer,alpha", [("ssmax", 1.5), ("entmax", 1.25)])
 def test_block_map_of_a_document_mask(normalizer, alpha):
-    """Documents of 30, 34, 36 and 50 tokens, causal: the map of 64-blocks clears the blocks the
-    mask leaves empty, and a float mask (which skips nothing itself) with the map equals the
-    reference; so does the map alone clearing a block the mask allows (the map masks it)."""
-    mask = _document_mask(150, [30, 64, 100])
-    block_map = BlockMap.from_mask(mask, 64)
-    assert not block_map.flags.all()
-    bias = torch.zeros(150, 150).masked_fill(~mask, float("-inf"))
-    check_masked(normalizer, alpha, bias, 0, grad_mask=True, block_map=block_map, lengths=(150, 150))
-    clearing = BlockMap(block_map.flags.clone(), 64)
-    clearing.flags[1, 1] = False  # rows and keys 64-127: allowed by the mask, masked by the map
-    check_masked(normalizer, alpha, mask, None, block_map=clearing, lengths=(150, 150))
+    """Documents of 30, 34, 36 and 30 tokens, causal: the map of 64-blocks clears the blocks the
+    mask leaves empty, and one more the mask allows (rows and keys 64-127), which the map masks:
+    with a float mask (which skips nothing itself) the kernels equal the reference given both."""
+    mask = _document_mask(130, [30, 64, 100])
+    flags = BlockMap.from_mask(mask, 64).flags.clone()
+    assert not flags.all() and flags[1, 1]
+    flags[1, 1] = False
+    bias = torch.zeros(130, 130).masked_fill(~mask, float("-inf"))
+    check_masked(normalizer, alpha, bias, 0, grad_mask=True, block_map=BlockMap(flags, 64),
+                 lengths=(130, 130))
 
 
 def _forward_backward(family, q, k, v, backward=True, **kwargs):
     if family == "softmax":
-        out, lse = softmax_attention_fwd(q, k, v, 0.25, 0, 0.7, **kwargs)
+        out, lse = softmax_attention_fwd(q, k, v, 0.25, None, 0.7, **kwargs)
         if backward:
-            softmax_attention_bwd(out, q, k, v, out, lse, 0.25, 0, 0.7, **kwargs)
+            softmax_attention_bwd(out, q, k, v, out, lse, 0.25, None, 0.7, **kwargs)
     else:
-        out, row_max, tau, flags = entmax_attention_fwd(q, k, v, 0.25, 1.5, 0, 0.7, **kwargs)
+        out, row_max, tau, flags = entmax_attention_fwd(q, k, v, 0.25, 1.5, None, 0.7, **kwargs)
         if backward:
-            entmax_attention_bwd(out, q, k, v, row_max, tau, flags, 0.25, 1.5, 0, 0.7, **kwargs)
+            entmax_attention_bwd(out, q, k, v, row_max, tau, flags, 0.25, 1.5, None, 0.7, **kwargs)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts the Triton interpreter's loads")
 @pytest.mark.parametrize("family", ["softmax", "entmax"])
 def test_tiles_a_mask_or_map_removes_are_skipped(family, monkeypatch):
-    """Over 200 keys of which a mask allows the first 64 (and a causal rule), the forward loads K
+    """Over 200 keys of which a mask allows the first 64 (no causal rule), the forward loads K
     exactly as often as over those 64 keys alone, whether a boolean mask removes the other tiles
     or a block map does beside a float mask; a float mask alone removes none. The backward loads
     fewer tiles with the boolean mask than with the float one."""
-    q, k, v = torch.randn(1, 2, 200, 16), torch.randn(1, 1, 200, 16), torch.randn(1, 1, 200, 16)
+    q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 200, 16), torch.randn(1, 1, 200, 16)
     keys = torch.arange(200) < 64
     bias = torch.zeros(200).masked_fill(~keys, float("-inf"))
     cleared = BlockMap.from_mask(keys.view(1, 200), 64).flags
