@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .entmax_fwd import ENTMAX_HEURISTICS, slopes, tile_logits
 from .program import (
+    add_mask_grad,
     alibi_slope,
     allowed_keys,
     head_row,
@@ -215,7 +216,7 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
              HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
              HAS_ALIBI: tl.constexpr, alpha_1, mask, stride_mm, stride_mn, mask_floor, Nq,
              HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, dmask, stride_gm, stride_gn,
-             MASK_GRAD: tl.constexpr):
+             MASK_GRAD: tl.constexpr, MASK_GRAD_SUM_ROWS: tl.constexpr, MASK_GRAD_SUM_KEYS: tl.constexpr):
     """`sum_j dz_ij k_j` [BM, BD], dz_ij = u_ij (dP_ij - delta_i), and with length scaling
     `sum_j dz_ij q_i.k_j` [BM] (zeros otherwise). With MASK_GRAD, dz_ij before the cap's factor
     is added into the float mask's gradient `dmask` (the program's base)."""
@@ -246,10 +247,9 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
             b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
             dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
             if MASK_GRAD:  # the bias is added after the cap: its gradient is dz before the cap's factor
-                p_dmask = dmask + offs_m.to(tl.int64)[:, None] * stride_gm \
-                    + (start_n + offs_n)[None, :] * stride_gn
-                tl.atomic_add(p_dmask, u * (dp - b_delta[:, None]),
-                              mask=(offs_m < Nq)[:, None] & mask_n[None, :], sem="relaxed")
+                add_mask_grad(dmask, u * (dp - b_delta[:, None]), offs_m, start_n + offs_n, offs_m < Nq,
+                              mask_n,
+                              stride_gm, stride_gn, MASK_GRAD_SUM_ROWS, MASK_GRAD_SUM_KEYS)
             if HAS_SOFTCAP:  # through the cap, to the uncapped logits, recomputed from qk and folded in
                 # before the dP dot: keeping them as a tile spilled on sm_80 (bf16, D = 128)
                 u = u * softcap_slope(qk * x_scale[:, None], softcap)
@@ -287,7 +287,8 @@ def entmax_attention_bwd_kernel_dq(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
     HAS_KEY_COUNTS: tl.constexpr,
-    MASK_GRAD: tl.constexpr, FLAG_BLOCK_M: tl.constexpr,
+    MASK_GRAD: tl.constexpr, MASK_GRAD_SUM_ROWS: tl.constexpr, MASK_GRAD_SUM_KEYS: tl.constexpr,
+    FLAG_BLOCK_M: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
@@ -359,7 +360,7 @@ def entmax_attention_bwd_kernel_dq(
                           HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset,
                           softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor,
                           Nq, HAS_MASK, MASK_IS_BOOL, dmask, stride_gm,
-                          stride_gn, MASK_GRAD)
+                          stride_gn, MASK_GRAD, MASK_GRAD_SUM_ROWS, MASK_GRAD_SUM_KEYS)
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)

@@ -180,25 +180,22 @@ def count_allowed_keys(masking: MaskArgs, seqused_k, B, Hq, Nq, Nk, is_causal, c
 def mask_grad_args(attn_mask: torch.Tensor | None, wanted: bool, B: int, Hq: int, Nq: int,
                    Nk: int) -> tuple[torch.Tensor | None, dict]:
     """`(buffer, dQ kernel keywords)` for the float mask's gradient (`(None, keywords)` where none
-    is `wanted`): a float32 buffer of zeros with the mask's batch and head dims (1 or full) and
-    full rows and keys, which the dQ kernels add each logit's gradient into through the strides
-    of its broadcast view over `(B, Hq, Nq, Nk)` (atomically: the heads or batches that share an
-    entry meet there)."""
-    buffer, strides = None, (0, 0, 0, 0)
+    is `wanted`): float32 zeros of the mask's own shape (4-D), which the dQ kernels add each
+    logit's gradient into through the strides of its broadcast view over `(B, Hq, Nq, Nk)`:
+    atomically where heads or batches share an entry, each tile summed first along the rows
+    or keys the mask broadcasts along. No buffer outgrows the mask."""
+    buffer, strides, sums = None, (0, 0, 0, 0), (False, False)
     if attn_mask is not None and attn_mask.dtype != torch.bool and wanted:
         shape4 = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-        buffer = torch.zeros(shape4[0], shape4[1], Nq, Nk, dtype=torch.float32, device=attn_mask.device)
+        buffer = torch.zeros(shape4, dtype=torch.float32, device=attn_mask.device)
         strides = buffer.expand(B, Hq, Nq, Nk).stride()
+        sums = (shape4[2] == 1, shape4[3] == 1)
     names = ("stride_gb", "stride_gh", "stride_gm", "stride_gn")
     return buffer, {"dmask": buffer, **dict(zip(names, strides, strict=True)),
-                    "MASK_GRAD": buffer is not None}
+                    "MASK_GRAD": buffer is not None,
+                    "MASK_GRAD_SUM_ROWS": sums[0], "MASK_GRAD_SUM_KEYS": sums[1]}
 
 
 def reduce_mask_grad(buffer: torch.Tensor | None, attn_mask: torch.Tensor) -> torch.Tensor | None:
-    """The buffer summed over the rows and keys the mask broadcasts along, in its shape and dtype."""
-    if buffer is None:
-        return None
-    shape4 = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    dims = [d for d in (2, 3) if shape4[d] == 1]
-    grad = buffer.sum(dim=dims, keepdim=True) if dims else buffer
-    return grad.reshape(attn_mask.shape).to(attn_mask.dtype)
+    """The gradient in the mask's shape and dtype."""
+    return None if buffer is None else buffer.reshape(attn_mask.shape).to(attn_mask.dtype)

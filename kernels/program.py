@@ -238,6 +238,24 @@ def tile_live(block_map, mask, row0, col0, rows, cols, Nq, Nk, stride_bm, stride
 
 
 @triton.jit
+def add_mask_grad(dmask, dz, offs_m, cols, mask_m, mask_n, stride_gm, stride_gn, SUM_ROWS: tl.constexpr,
+                  SUM_KEYS: tl.constexpr):
+    """Adds a tile's logit gradients `dz` [BM, BN] (rows `offs_m`, keys `cols`) into the float
+    mask's gradient at `dmask`, the program's (batch, head) base, atomically: the heads and
+    batches a mask entry serves meet there. Where the mask broadcasts along rows (keys), its
+    gradient has one row (key), and the tile is summed along them first."""
+    if SUM_ROWS and SUM_KEYS:
+        tl.atomic_add(dmask, tl.sum(tl.sum(dz, 1), 0), sem="relaxed")
+    elif SUM_ROWS:
+        tl.atomic_add(dmask + cols * stride_gn, tl.sum(dz, 0), mask=mask_n, sem="relaxed")
+    elif SUM_KEYS:
+        tl.atomic_add(dmask + offs_m.to(tl.int64) * stride_gm, tl.sum(dz, 1), mask=mask_m, sem="relaxed")
+    else:
+        p_dmask = dmask + offs_m.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn
+        tl.atomic_add(p_dmask, dz, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+
+
+@triton.jit
 def tanh(x):
     """`1 - 2 / (e^2x + 1)`: exact at +-inf, and no libdevice call (the interpreter has none)."""
     return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 / ln 2

@@ -80,6 +80,7 @@ from .masks import (
     count_allowed_keys_kernel as count_allowed_keys_kernel,  # its launches are this family's too
 )
 from .program import (
+    add_mask_grad,
     alibi_slope,
     allowed_keys,
     head_row,
@@ -389,7 +390,7 @@ def softmax_attention_bwd_kernel_dq(
     CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr, HAS_KEY_COUNTS: tl.constexpr,
-    MASK_GRAD: tl.constexpr,
+    MASK_GRAD: tl.constexpr, MASK_GRAD_SUM_ROWS: tl.constexpr, MASK_GRAD_SUM_KEYS: tl.constexpr,
 ):
     """dQ of one query block, and with length scaling each row's share of ds_h:
     `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic). With
@@ -467,8 +468,9 @@ def softmax_attention_bwd_kernel_dq(
             dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
             dz = p * (dp - b_delta[:, None])
             if MASK_GRAD:  # the bias is added after the cap: its gradient is dz itself
-                p_dmask = dmask + offs_m64[:, None] * stride_gm + cols[None, :] * stride_gn
-                tl.atomic_add(p_dmask, dz, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+                add_mask_grad(dmask, dz, offs_m, cols, mask_m, mask_n, stride_gm, stride_gn,
+                              MASK_GRAD_SUM_ROWS,
+                              MASK_GRAD_SUM_KEYS)
             if HAS_SOFTCAP:  # through the cap, to the uncapped logits
                 dz = dz * softcap_slope(z_raw, softcap)
             b_dq += tl.dot(dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [BM, BD]

@@ -287,6 +287,8 @@ def _mask_cases():
         yield "softmax", d, uneven, True, True, None, ["bf16"], {"mask": "float"}
         yield "entmax", d, uneven, True, True, 1.25, ["fp16"], {"mask": "float"}
         yield "entmax", d, uneven, True, False, 2.0, ["bf16"], {"mask": "bool"}
+    # a learned bias per key: its gradient summed over each tile's rows before the atomic add
+    yield "entmax", 128, LENGTHS["uneven"], True, True, 1.25, ["fp16"], {"mask": "float keys"}
 
 
 def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, window=False, modifiers=(),
@@ -298,15 +300,16 @@ def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, windo
     a sliding window's left edge 256 keys back (varlen: counted from each document's end).
     `modifiers`: which of a softcap, ALiBi slopes and sinks (`ALL_MODIFIERS`). `mask`: "bool", a
     `(1, 1, 1, n)` padding mask with a block map of 128-blocks, or "float", a `(1, 2, n, n)`
-    float16 mask whose gradient the backward computes."""
+    float16 mask whose gradient the backward computes ("float keys": `(1, 1, 1, n)`)."""
     module = _module(family)
     extra = {"window_offset": -256} if window else {}
     bwd_extra = {}
     if mask == "bool":
         extra.update(attn_mask=torch.ones(1, 1, 1, n, dtype=torch.bool),
                      block_map=torch.ones(1, 1, -(-n // 128), -(-n // 128), dtype=torch.bool))
-    elif mask == "float":
-        extra["attn_mask"] = torch.zeros(1, 2, n, n, dtype=torch.float16)
+    elif mask in ("float", "float keys"):
+        shape = (1, 2, n, n) if mask == "float" else (1, 1, 1, n)
+        extra["attn_mask"] = torch.zeros(shape, dtype=torch.float16)
         bwd_extra["mask_grad"] = True
     if "softcap" in modifiers:
         extra["softcap"] = 30.0

@@ -1,9 +1,10 @@
 """`attn_mask` and block maps in the Triton kernels, against the float64 reference: the output and
-every gradient (q, k, v, a length scale, a float mask's own) for each normalizer, with boolean
-and float masks of every broadcast shape (a float16 mask beside float32 inputs, a float64 one,
-entries at -inf and at the dtype's lowest value), fully masked rows, GQA, causal offsets, the
-logit modifiers and windows, every buffer poisoned with NaN; block maps that clear tiles; the
-tiles skipped (K loads counted); the errors; the ops' schemas and torch.compile."""
+every gradient (q, k, v, a length scale, a float mask's own, summed over the dims it broadcasts
+along) for each normalizer, with boolean and float masks of every broadcast shape (a float16
+mask beside float32 inputs, a float64 one, entries at -inf and at the dtype's lowest value),
+fully masked rows, GQA, causal offsets, the logit modifiers and windows, every buffer poisoned
+with NaN; block maps that clear tiles; the tiles skipped (K loads counted); the errors; the
+ops' schemas and torch.compile."""
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def make_mask(kind, dtype=torch.float32, seed=0):
     """A mask of each broadcast shape: "padding" `(B, 1, 1, Nk)` bool (batch 1 keeps its first 23
     keys); "heads" `(1, Hq, Nq, Nk)` float with -inf and lowest-value entries; "plane" `(Nq, Nk)`
     float in `dtype`; "full" `(B, Hq, Nq, Nk)` bool with rows 3 and 20 of one head fully masked;
-    "rows" `(B, 1, Nq, 1)` float masking whole rows."""
+    "rows" `(B, 1, Nq, 1)` float masking whole rows; "keys" `(B, 1, 1, Nk)` float, a learned
+    bias per key, some at the lowest value."""
     g = torch.Generator().manual_seed(seed)
     if kind == "padding":
         mask = torch.ones(B, 1, 1, NK, dtype=torch.bool)
@@ -44,6 +46,10 @@ def make_mask(kind, dtype=torch.float32, seed=0):
     if kind == "full":
         mask = torch.rand(B, HQ, NQ, NK, generator=g) < 0.6
         mask[0, 1, [3, 20]] = False
+        return mask
+    if kind == "keys":
+        mask = torch.randn(B, 1, 1, NK, generator=g, dtype=dtype)
+        mask[1, ..., ::7] = torch.finfo(dtype).min
         return mask
     mask = torch.zeros(B, 1, NQ, 1, dtype=dtype)
     mask[0, 0, [0, 5, 6]] = float("-inf")
@@ -91,6 +97,8 @@ CASES = [
     ("softmax", 1.5, "plane", torch.float16, 5, False, {"softcap": 2.0, "window_size": (20, -1),
                                                        "sink": torch.tensor([0.5, -1.0, 2.0, 0.0])}),
     ("softmax", 1.5, "rows", torch.float64, None, False, {}),
+    ("ssmax", 1.5, "keys", torch.float32, 3, True, {}),
+    ("sparsemax", 2.0, "keys", torch.float32, None, True, {"softcap": 2.0}),
     ("sparsemax", 2.0, "full", torch.bool, 5, False, {}),
     ("sparsemax", 2.0, "heads", torch.float32, None, True, {"alibi_slopes": torch.tensor([0.3, 0.1, 0.2,
                                                                                           0.05])}),
