@@ -22,8 +22,9 @@ BLOCK_MULTIPLE = 64
 @dataclass(frozen=True)
 class BlockMap:
     """`flags`: bool, broadcastable to `(B, Hq, cdiv(Nq, block_size), cdiv(Nk, block_size))`;
-    `flags[..., I, J]` False says no key of rows `I * block_size` onward and keys `J *
-    block_size` onward (one block of each) is allowed. `block_size`: a multiple of 64."""
+    `flags[..., I, J]` False masks the block of rows `I * block_size` to `(I + 1) * block_size
+    - 1` and keys `J * block_size` to `(J + 1) * block_size - 1`. `block_size`: a multiple of
+    64."""
 
     flags: torch.Tensor
     block_size: int = 128
@@ -32,7 +33,7 @@ class BlockMap:
     def from_mask(cls, attn_mask: torch.Tensor, block_size: int = 128) -> BlockMap:
         """The map of an `attn_mask` (bool, True = attend, or float, `reference.float_mask_allows`):
         a block is kept when any of its entries allows a key. Dims the mask broadcasts along (size
-        1) stay size 1; one pass over the mask, no copy of it but the padding to whole blocks."""
+        1) stay size 1. One pass over a boolean copy of the mask, padded to whole blocks."""
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor; got {type(attn_mask).__name__}")
         allowed = attn_mask if attn_mask.dtype == torch.bool else float_mask_allows(attn_mask)
