@@ -117,28 +117,24 @@ class AttentionCall:
         not key lengths: a `(B, 1, 1, Nk)` key mask, combined with the call's own mask."""
         n_k = self.key.shape[-2]
         keys = torch.arange(n_k, device=self.key.device) < self.seqused_k.clamp(0, n_k)[:, None]
-        keys = keys[:, None, None, :]
-        mask = self.attn_mask
-        if mask is None:
-            mask = keys
-        elif mask.dtype == torch.bool:
-            mask = mask & keys
-        else:  # -inf masks the key on every path (`reference.float_mask_allows`)
-            mask = torch.where(keys, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
-        return replace(self, attn_mask=mask, seqused_k=None)
+        return replace(self, attn_mask=self._mask_and(keys[:, None, None, :]), seqused_k=None)
 
     def block_map_as_mask(self) -> AttentionCall:
         """The call with its block map folded into `attn_mask`, for the paths that take masks but
         not maps: the map's boolean mask (`BlockMap.as_mask`), combined with the call's own."""
-        keys = self.block_map.as_mask(self.query.shape[-2], self.key.shape[-2])
+        allowed = self.block_map.as_mask(self.query.shape[-2], self.key.shape[-2])
+        return replace(self, attn_mask=self._mask_and(allowed), block_map=None)
+
+    def _mask_and(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The call's mask restricted to the bool `allowed` (broadcastable): `allowed` itself
+        without a mask; a float mask keeps its dtype, -inf where `allowed` is False (-inf masks
+        the key on every path, `reference.float_mask_allows`)."""
         mask = self.attn_mask
         if mask is None:
-            mask = keys
-        elif mask.dtype == torch.bool:
-            mask = mask & keys
-        else:
-            mask = torch.where(keys, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
-        return replace(self, attn_mask=mask, block_map=None)
+            return allowed
+        if mask.dtype == torch.bool:
+            return mask & allowed
+        return torch.where(allowed, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
 
     def document(self, d: int) -> AttentionCall:
         """Document `d` of a packed call (its offsets on the host: `PackedDocs.on_host`) as a
