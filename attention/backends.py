@@ -210,7 +210,10 @@ def _triton_args(call: AttentionCall, *scalars) -> tuple:
 
     q, k, v = call.query, call.key, call.value
     check_inputs(q, k, v, varlen=call.docs is not None)
-    varlen = () if call.docs is None else (*_triton_docs(call.docs), call.docs.causal_from_end)
+    if call.docs is not None:
+        varlen = (*_triton_docs(call.docs), call.docs.causal_from_end)
+    else:  # dense: the trailing arguments only to count the bounds from each batch's key length
+        varlen = (None, None, 0, 0, True) if call.causal_from_end else ()
     block_map = call.block_map
     flags, block_size = (None, 128) if block_map is None else (block_map.flags, block_map.block_size)
     return (q, k, v, *scalars, call.causal_offset, call.length_scale, call.seqused_k, call.window_offset,

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .reference import float_mask_allows
+
 if TYPE_CHECKING:
     from .block_map import BlockMap
     from .normalizers import Normalizer
@@ -101,6 +103,9 @@ class AttentionCall:
     alibi_offset: int | None = None  # the diagonal the distances count from: the causal one, or 0
     sink: torch.Tensor | None = None  # (Hq,): a logit per head in every row's normalization, no value
     block_map: BlockMap | None = None  # dense: the blocks of (Nq, Nk) that may hold an allowed key
+    # Dense, with seqused_k: the causal and window offsets and ALiBi's diagonal count from each
+    # batch's bottom-right corner (Nq, seqused_k[b]) (packed calls keep theirs in `docs`)
+    causal_from_end: bool = False
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -114,10 +119,55 @@ class AttentionCall:
 
     def key_lengths_as_mask(self) -> AttentionCall:
         """The call with `seqused_k` folded into `attn_mask`, for the paths that take masks but
-        not key lengths: a `(B, 1, 1, Nk)` key mask, combined with the call's own mask."""
-        n_k = self.key.shape[-2]
-        keys = torch.arange(n_k, device=self.key.device) < self.seqused_k.clamp(0, n_k)[:, None]
-        return replace(self, attn_mask=self._mask_and(keys[:, None, None, :]), seqused_k=None)
+        not key lengths: a `(B, 1, 1, Nk)` key mask, combined with the call's own mask. Counted
+        from each batch's end (`causal_from_end`), the causal and window bounds become a `(B, 1,
+        Nq, Nk)` mask too, and ALiBi a `(B, Hq, Nq, Nk)` float bias: tensor ops, no host read."""
+        n_q, n_k = self.query.shape[-2], self.key.shape[-2]
+        used = self.seqused_k.clamp(0, n_k).long().view(-1, 1, 1, 1)
+        keys = torch.arange(n_k, device=self.key.device)
+        allowed = keys < used
+        if not self.causal_from_end:
+            return replace(self, attn_mask=self._mask_and(allowed), seqused_k=None)
+        # j - i counted from batch b's diagonal, which its corner (Nq, used_b) moves by used_b - Nq
+        gap = keys - torch.arange(n_q, device=keys.device).view(-1, 1) - (used - n_q)  # (B, 1, Nq, Nk)
+        if self.causal_offset is not None:
+            allowed = allowed & (gap <= self.causal_offset)
+        if self.window_offset is not None:
+            allowed = allowed & (gap >= self.window_offset)
+        mask = self._mask_and(allowed)
+        if self.alibi_slopes is not None:  # a bias beside the mask's: both are added after the cap
+            wide = torch.float64 in (self.query.dtype, mask.dtype)
+            dtype = torch.float64 if wide else torch.float32
+            bias = -self.alibi_slopes.to(dtype)[:, :, None, None] * (gap - self.alibi_offset).abs().to(dtype)
+            if mask.dtype == torch.bool:
+                mask = torch.where(mask, bias, float("-inf"))
+            else:  # which entries mask is read in the mask's own dtype (its finfo.min)
+                mask = torch.where(float_mask_allows(mask), mask.to(dtype) + bias, float("-inf"))
+        return replace(self, attn_mask=mask, seqused_k=None, causal_offset=None, window_offset=None,
+                       alibi_slopes=None, alibi_offset=None, causal_from_end=False)
+
+    def batch(self, b: int, n_k: int) -> AttentionCall:
+        """Batch `b` of a dense call with key lengths counted from the end (`causal_from_end`),
+        given its used key length `n_k`, as a plain dense call on its first `n_k` keys: the
+        offsets moved to its own corner, the mask, the block map (folded into the mask) and the
+        slopes narrowed to it."""
+        call = self.block_map_as_mask() if self.block_map is not None else self
+        n_q = call.query.shape[-2]
+        q, k, v = (t[b:b + 1] for t in (call.query, call.key[..., :n_k, :], call.value[..., :n_k, :]))
+        mask = call.attn_mask
+        if mask is not None:
+            mask = mask[(None,) * (4 - mask.dim())]  # as 4-D: its batch dim may be broadcast
+            mask = mask[b:b + 1] if mask.shape[0] > 1 else mask
+            mask = mask[..., :n_k] if mask.shape[-1] > 1 else mask
+        slopes = call.alibi_slopes
+        if slopes is not None:
+            slopes = slopes[b:b + 1] if slopes.shape[0] > 1 else slopes
+        offsets = [None if o is None else o + n_k - n_q for o in (call.causal_offset, call.window_offset)]
+        alibi_offset = None if call.alibi_offset is None else call.alibi_offset + n_k - n_q
+        return replace(call, query=q, key=k, value=v, attn_mask=mask, seqused_k=None, alibi_slopes=slopes,
+                       causal_offset=clamp_causal_offset(offsets[0], n_q, n_k),
+                       window_offset=clamp_causal_offset(offsets[1], n_q, n_k), alibi_offset=alibi_offset,
+                       causal_from_end=False)
 
     def block_map_as_mask(self) -> AttentionCall:
         """The call with its block map folded into `attn_mask`, for the paths that take masks but

@@ -155,20 +155,21 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
               block_map=None) -> AttentionCall:
     """The call of checked arguments in canonical form: the normalizer rewritten to its base
     record (`normalizers.canonical`), the scale's default, `1 / sqrt(D)`, resolved, the causal
-    offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed), the sliding window
-    (`check_window`) turned into bounds around it (`window_bounds`), both clamped to the lengths
-    (`clamp_causal_offset`), ALiBi's distances counted from the causal diagonal too (from `i`
-    without one; not clamped: beside a sink a shifted diagonal would move weight), and, under
-    `torch.autocast`, the inputs in its dtype (`_autocast`)."""
+    offset resolved (`"bottom_right"`: `Nk - Nq`, per document when packed, per batch with
+    `seqused_k`), the sliding window (`check_window`) turned into bounds around it
+    (`window_bounds`), both clamped to the lengths (`clamp_causal_offset`), ALiBi's distances
+    counted from the causal diagonal too (from `i` without one; not clamped: beside a sink a
+    shifted diagonal would move weight), and, under `torch.autocast`, the inputs in its dtype
+    (`_autocast`)."""
     record, alpha, length_scale = normalizers.canonical(normalizer, alpha, length_scale)
     query, key, value = _autocast(query, key, value)
+    causal_from_end = False
     if docs is None:
-        if causal_offset == BOTTOM_RIGHT:
-            if seqused_k is not None:
-                raise ValueError("causal_offset='bottom_right' with seqused_k is not supported yet (it would "
-                                 "align to each batch's own length); pass an int offset")
-            causal_offset = key.shape[-2] - query.shape[-2]
         lengths = query.shape[-2], key.shape[-2]
+        if causal_offset == BOTTOM_RIGHT and seqused_k is None:
+            causal_offset = key.shape[-2] - query.shape[-2]
+        elif causal_offset == BOTTOM_RIGHT:  # each batch's own corner, (Nq, seqused_k[b]): no host read
+            causal_offset, causal_from_end, lengths = 0, True, lengths[::-1]
     else:
         if causal_offset == BOTTOM_RIGHT:
             causal_offset, docs = 0, replace(docs, causal_from_end=True)
@@ -184,6 +185,7 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
         scale=query.shape[-1] ** -0.5 if scale is None else scale, causal_offset=causal_offset,
         attn_mask=attn_mask, dropout_p=dropout_p, docs=docs, seqused_k=seqused_k, window_offset=window_offset,
         softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink, block_map=block_map,
+        causal_from_end=causal_from_end,
     )
 
 

@@ -87,10 +87,23 @@ def _run_dense(call: AttentionCall, backend: Backend) -> torch.Tensor:
     if call.empty:  # no query or no key: nothing to tile
         backend = REFERENCE
     if call.seqused_k is not None and not backend.key_lengths:
+        if call.causal_from_end and backend is not REFERENCE and not torch.compiler.is_compiling():
+            return _run_batches(call, backend)
         call = call.key_lengths_as_mask()
     if call.block_map is not None and not backend.block_maps:
         call = call.block_map_as_mask()
     return implementation(backend, call.normalizer)(call)
+
+
+def _run_batches(call: AttentionCall, backend: Backend) -> torch.Tensor:
+    """A dense call whose key lengths set each batch's causal corner, one batch at a time on
+    its own keys (one host read of the lengths), so a blockwise path keeps its memory bound;
+    the reference, and any path under torch.compile, takes the lengths as a mask instead
+    (`AttentionCall.key_lengths_as_mask`)."""
+    used = call.seqused_k.clamp(0, call.key.shape[-2]).tolist()
+    if not used:  # no batch: nothing to loop over
+        return _run_dense(call.key_lengths_as_mask(), backend)
+    return torch.cat([_run_dense(call.batch(b, n_k), backend) for b, n_k in enumerate(used)])
 
 
 def _run_documents(call: AttentionCall, backend: Backend) -> torch.Tensor:

@@ -48,15 +48,15 @@ def scaled_dot_product_attention(
             scale = q.size(-1) ** -0.5 if scale is None else scale
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)     # GQA
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
-            allowed = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool)
-            if is_causal or causal_offset is not None:                  # j <= i + offset,
-                allowed = allowed.tril(diagonal=causal_offset or 0)     # 0: top-left
+            i, j = torch.arange(q.size(-2)).view(-1, 1), torch.arange(k.size(-2))
+            n_k = k.size(-2) if seqused_k is None else seqused_k.clamp(0, k.size(-2)).view(-1, 1, 1, 1)
+            c = n_k - q.size(-2) if causal_offset == "bottom_right" else causal_offset or 0
+            allowed = j < n_k                                           # batch b: its first keys
+            if is_causal or causal_offset is not None:                  # j <= i + c, 0: top-left
+                allowed = allowed & (j <= i + c)
             if window_size is not None:                                 # (left, right), -1: unbounded
-                (left, right), c = window_size, causal_offset or 0     # around the causal diagonal
-                i, j = torch.arange(q.size(-2)).view(-1, 1), torch.arange(k.size(-2))
+                left, right = window_size                               # around the causal diagonal
                 allowed = allowed & ((left < 0) | (j >= i + c - left)) & ((right < 0) | (j <= i + c + right))
-            if seqused_k is not None:                                   # batch b: its first keys
-                allowed = allowed & (torch.arange(k.size(-2)) < seqused_k.view(-1, 1, 1, 1))
             if block_map is not None:                                   # its cleared blocks: masked
                 allowed = allowed & block_map.as_mask(q.size(-2), k.size(-2))
             bias = 0.0
@@ -74,8 +74,7 @@ def scaled_dot_product_attention(
             if softcap is not None:                                     # Gemma 2's cap
                 z = softcap * torch.tanh(z / softcap)
             if alibi_slopes is not None:                                # (Hq,) or (B, Hq)
-                i, j = torch.arange(q.size(-2)).view(-1, 1), torch.arange(k.size(-2))
-                z = z - alibi_slopes.view(-1, q.size(-3), 1, 1) * (j - i - (causal_offset or 0)).abs()
+                z = z - alibi_slopes.view(-1, q.size(-3), 1, 1) * (j - i - c).abs()
             z = (z + bias).masked_fill(~allowed, -inf)
             if sink is not None:                                        # a logit per head, no value
                 z = torch.cat([z, sink.view(-1, 1, 1).expand(*z.shape[:-1], 1)], dim=-1)
@@ -125,12 +124,14 @@ def scaled_dot_product_attention(
         causal_offset: a shifted causal mask, key ``j`` allowed for row ``i`` iff
             ``j <= i + causal_offset`` (implies causal; ``is_causal`` is offset 0). ``Nk - Nq``,
             or ``"bottom_right"`` for short, aligns it bottom-right, as decoding with a KV cache
-            needs; rows left with no key give 0.
+            needs (with ``seqused_k``, each batch's ``seqused_k[b] - Nq``); rows left with no
+            key give 0.
         seqused_k: per-batch key lengths (flash-attn's ``seqused_k``), an int32 or int64 tensor
             of shape ``(B,)`` (``(1,)`` unbatched) on the inputs' device: batch ``b`` attends to
             its first ``seqused_k[b]`` keys only (values are clamped to ``[0, Nk]`` and not read
             on the host). A right-padded batch or a partly filled KV cache without a dense mask;
-            the other masks and the causal offset (counted from the tensors' start) apply too.
+            the other masks apply too, and the causal offset counts from the tensors' start
+            unless it is ``"bottom_right"``.
         window_size: a sliding window, flash-attn's ``(left, right)``: row ``i`` attends to keys
             ``i + c - left <= j <= i + c + right``, ``c`` the causal offset (0 without one, so
             ``is_causal=True, window_size=(w - 1, 0)`` is Mistral's window of ``w`` keys), ``-1``

@@ -170,8 +170,8 @@ def entmax_attention_fwd(
     alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
     sink = sink_vector(sink, Hq, q.device)
     masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
-    counts = count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset, has_window, window,
-                                q.device)
+    counts = count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset, from_end, has_window,
+                                window, q.device)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     if q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
@@ -243,7 +243,7 @@ def entmax_attention_bwd(
     # only scales the logits: without length scaling the backward needs no count.
     masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
     counts = None if s is None else count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset,
-                                                       has_window, window, q.device)
+                                                       from_end, has_window, window, q.device)
     dmask, dmask_args = mask_grad_args(attn_mask, mask_grad, B, Hq, Nq, Nk)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     row_max, tau = row_max.float().contiguous(), tau.float().contiguous()
@@ -397,9 +397,10 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 class EntmaxAttentionFunction(torch.autograd.Function):
     """Wires the launchers (through their custom ops) into autograd. `seqused_k` (dense mode's key
     lengths), `window_offset`, `softcap`, `alibi_slopes`, `alibi_offset`, `sink`, `attn_mask` and
-    `block_map` may be None (the last two dense only; a float mask may require grad); the trailing arguments,
-    `(cu_seqlens_q,
-    cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only.
+    `block_map` may be None (the last two dense only; a float mask may require grad); the
+    trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    causal_from_end)`, are given in varlen mode, and in dense mode as `(None, None, 0, 0, True)`
+    for bounds counted from each batch's end only.
     Forward and `setup_context` apart, as torch.func needs; its vmap rule is generated from the
     ops' (`vmap_by_loop`). The forward returns the backward's statistics too (torch.func saves
     only what `setup_context` sees); they are not differentiable, and `entmax_attention` returns
@@ -480,6 +481,7 @@ def entmax_attention(
     attn_mask: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None,
     map_block: int = 128,
+    causal_from_end: bool = False,
 ) -> torch.Tensor:
     """alpha-entmax attention (sparsemax at alpha = 2) by the tiled Triton kernels (the Triton
     interpreter on CPU, with `TRITON_INTERPRET=1` set before longattn is imported).
@@ -497,8 +499,9 @@ def entmax_attention(
         length_scale: `s` of length scaling (SSMax's, Nakanishi 2025): row i of head h has its
             `q . k` multiplied by `s_h * ln(n_i)`, `n_i` the keys it may see. A float, or a
             `()` / `(Hq,)` tensor that may require grad.
-        seqused_k: the key lengths, as `softmax_attention`'s: int32 `(B,)`, batch b attending
-            to its first `clamp(seqused_k[b], 0, Nk)` keys only.
+        seqused_k, causal_from_end: the key lengths, as `softmax_attention`'s: int32 `(B,)`,
+            batch b attending to its first `clamp(seqused_k[b], 0, Nk)` keys only, and the
+            bounds counted from each batch's end.
         window_size, softcap, alibi_slopes, sink: a sliding window, logit soft-capping, ALiBi
             and attention sinks, as `softmax_attention`'s; the sink enters the threshold search
             like any other logit.
@@ -514,9 +517,10 @@ def entmax_attention(
         causal_offset = 0
     alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
+    from_end = (None, None, 0, 0, True) if causal_from_end else ()
     return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
                                          seqused_k, window_offset, softcap, alibi_slopes, alibi_offset,
-                                         sink, attn_mask, block_map, map_block)[0]
+                                         sink, attn_mask, block_map, map_block, *from_end)[0]
 
 
 def entmax_varlen_attention(

@@ -38,15 +38,15 @@ def count_allowed_keys_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     Hq, Nq, Nk, causal_offset, window_offset, mask_floor,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAP_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr,
 ):
     """n_i of one block of rows of one (batch, query head): the keys the causal rule, the window,
     the key length, the mask and the block map all allow, as int32 in the lse's layout."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, _, _, _, Nq, Nk, causal_offset, window_offset, _, row, _ = program_prologue(
         i_m, i_bh, None, None, seqused_k, Hq, 1, Nq, Nk, causal_offset, window_offset, 0, BLOCK_M, False,
-        False, HAS_KEY_LENGTHS, False, HAS_WINDOW, False)
+        False, HAS_KEY_LENGTHS, CAUSAL_FROM_END, HAS_WINDOW, False)
     if HAS_MASK:
         mask += i_b.to(tl.int64) * stride_mb + i_h.to(tl.int64) * stride_mh
     if HAS_BLOCK_MAP:
@@ -159,10 +159,11 @@ def mask_args(attn_mask: torch.Tensor | None, block_map: torch.Tensor | None, ma
     return MaskArgs(mask, flags, (*mask_strides, *map_strides), floor, constexprs)
 
 
-def count_allowed_keys(masking: MaskArgs, seqused_k, B, Hq, Nq, Nk, is_causal, causal_offset, has_window,
-                       window_offset, device) -> torch.Tensor | None:
+def count_allowed_keys(masking: MaskArgs, seqused_k, B, Hq, Nq, Nk, is_causal, causal_offset, from_end,
+                       has_window, window_offset, device) -> torch.Tensor | None:
     """n_i of every row, int32 `(B, Hq, Nq)`, where a mask or a block map is in play; else None
-    (the kernels derive n_i from the bounds)."""
+    (the kernels derive n_i from the bounds). The bounds as the launchers pass them (`from_end`:
+    counted from each batch's `(Nq, seqused_k[b])` corner)."""
     if not masking.present:
         return None
     counts = torch.empty(B, Hq, Nq, dtype=torch.int32, device=device)
@@ -172,7 +173,7 @@ def count_allowed_keys(masking: MaskArgs, seqused_k, B, Hq, Nq, Nk, is_causal, c
         counts, masking.mask, masking.block_map, seqused_k, *masking.strides,
         Hq, Nq, Nk, causal_offset, window_offset, masking.floor,
         BLOCK_M=_COUNT_BLOCK_M, BLOCK_N=_COUNT_BLOCK_N, IS_CAUSAL=is_causal, HAS_WINDOW=has_window,
-        HAS_KEY_LENGTHS=seqused_k is not None, **masking.constexprs,
+        HAS_KEY_LENGTHS=seqused_k is not None, CAUSAL_FROM_END=from_end, **masking.constexprs,
     )
     return counts
 

@@ -45,13 +45,14 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
       (dense only) `Nk` is the batch's used key length `seqused_k[i_b]`, clamped to `[0, Nk]`
       as flash-attn's, so every bound and mask below it (`keys_seen`, `key_end`,
       `allowed_keys`, the loads and stores) leaves the later keys out;
-    - `causal_offset`: the sequence's; in varlen mode with `CAUSAL_FROM_END` (set only with the
-      causal mask) the one given counts from the document's bottom-right corner, so the
-      document's is `causal_offset + Nk - Nq`, clamped to `[-Nq, Nk]` as the launchers clamp
-      (`causal_args`), which changes no row;
+    - `causal_offset`: the sequence's; with `CAUSAL_FROM_END` (set only with the causal mask)
+      the one given counts from the sequence's bottom-right corner (the document's in varlen
+      mode, `(Nq, seqused_k[i_b])` with `HAS_KEY_LENGTHS`), so the sequence's is
+      `causal_offset + Nk - Nq`, clamped to `[-Nq, Nk]` as the launchers clamp (`causal_args`),
+      which changes no row;
     - `window_offset`: the sliding window's left edge, key j allowed for row i iff
       `j >= i + window_offset` (with `HAS_WINDOW`), and ALiBi's diagonal, distances
-      `|j - i - alibi_offset|` (with `HAS_ALIBI`), both moved to the document's corner as the
+      `|j - i - alibi_offset|` (with `HAS_ALIBI`), both moved to the same corner as the
       causal offset is;
     - `row`: head `i_h`'s first row in the per-row statistics (`head_row`);
     - `done`: the block starts past the document's end (the grid spans the longest document; a
@@ -72,12 +73,6 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
         done = i_blk * BLOCK >= (len_k if KEY_BLOCKS else len_q)
         row = head_row(i_b, i_h, None, Nq, bos_q, True)  # no batch dim: Hq is not needed
         Nq, Nk = len_q, len_k
-        if CAUSAL_FROM_END:
-            causal_offset = tl.maximum(tl.minimum(causal_offset + Nk - Nq, Nk), -Nq)
-            if HAS_WINDOW:
-                window_offset = tl.maximum(tl.minimum(window_offset + Nk - Nq, Nk), -Nq)
-            if HAS_ALIBI:  # not clamped: the distances, hence a sink's share, depend on it exactly
-                alibi_offset = alibi_offset + Nk - Nq
     else:
         if HAS_KEY_LENGTHS:  # the launchers zero-fill dK, dV for the key blocks that return here
             Nk = tl.minimum(tl.maximum(tl.load(seqused_k + i_b), 0), Nk)
@@ -87,6 +82,12 @@ def program_prologue(i_blk, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, H, GROU
             row = head_row(i_b, i_h, H * GROUP, Nq, 0, False)
         else:
             row = i_bh.to(tl.int64) * Nq  # head_row's, with i_bh = i_b * Hq + i_h at hand
+    if CAUSAL_FROM_END:
+        causal_offset = tl.maximum(tl.minimum(causal_offset + Nk - Nq, Nk), -Nq)
+        if HAS_WINDOW:
+            window_offset = tl.maximum(tl.minimum(window_offset + Nk - Nq, Nk), -Nq)
+        if HAS_ALIBI:  # not clamped: the distances, hence a sink's share, depend on it exactly
+            alibi_offset = alibi_offset + Nk - Nq
     return i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done
 
 

@@ -507,7 +507,8 @@ def softmax_attention_fwd(
     `length_scale`: None, a float or a `()` / `(Hq,)` tensor.
     `seqused_k` (dense only): int32 `(B,)`, batch b attending to its first
     `clamp(seqused_k[b], 0, Nk)` keys only, as flash-attn's (the rest have weight 0, are not
-    counted in n_i, and their tiles are skipped).
+    counted in n_i, and their tiles are skipped); with `causal_from_end` the causal offset, the
+    window and ALiBi's diagonal count from its bottom-right corner, `(Nq, seqused_k[b])`.
     `window_offset`: None, or a sliding window's left edge, key j allowed for row i iff
     `j >= i + window_offset` (its right edge is part of `causal_offset`); the tiles outside it
     are skipped.
@@ -544,8 +545,8 @@ def softmax_attention_fwd(
                            q.device)
     alibi = mods.pop("alibi")
     masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
-    counts = count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset, has_window, window,
-                                q.device)
+    counts = count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset, from_end, has_window,
+                                window, q.device)
     BLOCK_D, BLOCK_DV = padded_dim(D), padded_dim(Dv)
     BLOCK_M, BLOCK_N, num_warps, num_stages = tile_config(max(BLOCK_D, BLOCK_DV), q.dtype)
     grid = (triton.cdiv(grid_nq, BLOCK_M), B * Hq)
@@ -601,7 +602,7 @@ def softmax_attention_bwd(
     masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
     # n_i only scales the logits: without length scaling the backward needs no count
     counts = None if s is None else count_allowed_keys(masking, seqused_k, B, Hq, Nq, Nk, is_causal, offset,
-                                                       has_window, window, q.device)
+                                                       from_end, has_window, window, q.device)
     dmask, dmask_args = mask_grad_args(attn_mask, mask_grad, B, Hq, Nq, Nk)
     do = do.to(q.dtype)  # the kernels' dots take one dtype; autograd already hands q's
     lse = lse.float().contiguous()
@@ -732,7 +733,8 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
     `seqused_k` (dense mode's key lengths), `window_offset`, `softcap`, `alibi_slopes`,
     `alibi_offset`, `sink`, `attn_mask` and `block_map` may be None (the last two dense only; a
     float mask may require grad); the trailing arguments, `(cu_seqlens_q, cu_seqlens_k,
-    max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode only. Forward and
+    max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode, and in dense mode
+    as `(None, None, 0, 0, True)` for bounds counted from each batch's end only. Forward and
     `setup_context` apart, as torch.func needs; its vmap rule is generated from the ops'
     (`vmap_by_loop`)."""
 
@@ -804,6 +806,7 @@ def softmax_attention(
     attn_mask: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None,
     map_block: int = 128,
+    causal_from_end: bool = False,
 ):
     """Softmax attention by the tiled Triton kernels (the Triton interpreter on CPU, with
     `TRITON_INTERPRET=1` set before longattn is imported).
@@ -824,7 +827,8 @@ def softmax_attention(
         seqused_k: the key lengths, as flash-attn's: int32 `(B,)` on the inputs' device, batch b
             attending to its first `clamp(seqused_k[b], 0, Nk)` keys only (the rest get weight
             0 and gradient 0 and are not counted in `n_i`); read in the kernels, never on the
-            host. Combines with the causal mask, keys still counted from the tensor's start.
+            host. Combines with the causal mask, keys still counted from the tensor's start
+            unless `causal_from_end`.
         window_size: a sliding window, flash-attn's `(left, right)`: keys
             `i + c - left <= j <= i + c + right`, `c` the causal offset (0 without one), -1 for
             a side without bound. Only the key tiles inside it are visited.
@@ -842,6 +846,10 @@ def softmax_attention(
         block_map, map_block: None, or bool flags broadcastable to `(B, Hq, cdiv(Nq, map_block),
             cdiv(Nk, map_block))`, `map_block` a multiple of 64 (FlexAttention's `BlockMask`
             in spirit): the blocks it clears are masked, and their tiles never visited.
+        causal_from_end: with `seqused_k` and a causal mask, the offset (and the window and
+            ALiBi's diagonal with it) counts from each batch's bottom-right corner instead, `j
+            <= i + causal_offset + seqused_k[b] - Nq` (flash-attn's `cache_seqlens` with
+            `causal=True` at offset 0: decoding into caches of different fill).
 
     Returns:
         `(B, Hq, Nq, Dv)` in q's dtype (and the lse). A row with no key gives 0 (lse -inf) and
@@ -854,9 +862,10 @@ def softmax_attention(
         causal_offset = 0
     alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
+    from_end = (None, None, 0, 0, True) if causal_from_end else ()
     out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k,
                                               window_offset, softcap, alibi_slopes, alibi_offset, sink,
-                                              attn_mask, block_map, map_block)
+                                              attn_mask, block_map, map_block, *from_end)
     return (out, lse) if return_lse else out
 
 

@@ -263,7 +263,8 @@ def _varlen_cases():
 def _key_length_cases():
     """The same tuples for dense runs with key lengths (`seqused_k`): the softmax kernels and the
     entmax ones at their most register-hungry (alpha 1.25's pow, causal, length scaling) and at
-    sparsemax's, per head dim."""
+    sparsemax's, per head dim. The causal ones count from each batch's end (CAUSAL_FROM_END,
+    decoding into caches of different fill), as `_launcher_call` passes them."""
     for d in HEAD_DIMS:
         yield "softmax", d, LENGTHS["uneven"], True, True, None, ["fp16"]
         yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
@@ -308,13 +309,16 @@ def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, windo
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
     runtime value rather than the constexpr 1 that Hq == Hkv gives. `n` is a length (dense
     `(1, H, n, d)` inputs) or a tuple of document lengths (varlen: packed `(total, H, d)` inputs,
-    cu_seqlens the same for queries and keys). `key_lengths`: dense, with `seqused_k`. `window`:
+    cu_seqlens the same for queries and keys). `key_lengths`: dense, with `seqused_k` (and, when
+    causal, the bounds counted from each batch's key length). `window`:
     a sliding window's left edge 256 keys back (varlen: counted from each document's end).
     `modifiers`: which of a softcap, ALiBi slopes and sinks (`ALL_MODIFIERS`). `mask`: "bool", a
     `(1, 1, 1, n)` padding mask with a block map of 128-blocks, or "float", a `(1, 2, n, n)`
     float16 mask whose gradient the backward computes ("float keys": `(1, 1, 1, n)`)."""
     module = _module(family)
     extra = {"window_offset": -256} if window else {}
+    if key_lengths and causal:
+        extra["causal_from_end"] = True
     bwd_extra = {}
     if mask == "bool":
         extra.update(attn_mask=torch.ones(1, 1, 1, n, dtype=torch.bool),

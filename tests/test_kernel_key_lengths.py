@@ -194,3 +194,43 @@ def test_custom_ops_opcheck_and_compile_with_key_lengths():
     do = torch.randn_like(results[1])
     got, expected = (torch.autograd.grad(r, leaves_, do) for r in results)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("normalizer,alpha,extra", [("ssmax", 1.5, "mask"), ("entmax", 1.5, "modifiers")])
+def test_bounds_count_from_each_key_length(normalizer, alpha, extra):
+    """`causal_from_end` with key lengths: batch b's causal offset, window and ALiBi diagonal
+    count from its corner `(Nq, seqused_k[b])`, read on the device (flash-attn's `cache_seqlens`
+    with `causal=True`). Each batch equals itself alone on its first keys under the float64
+    reference: output and gradients (q, k, v, s, and the sink's). Lengths of 0, below Nq (rows
+    with no key), inside a later key tile and past Nk; a window across tiles, with a bool mask
+    (n_i from the mask pass, which counts from the same corner) or with ALiBi, a cap and a sink."""
+    B, Nq, Nk, D = 4, 21, 70, 16
+    lengths = [0, 9, 50, 90]
+    q, k, v, s = kernel_leaves(B, HQ, HKV, Nq, Nk, D, D, DEVICE, torch.float32, True)
+    inputs, mods = [q, k, v, s], {"window_size": (24, 2)}
+    if extra == "mask":
+        mods["attn_mask"] = (torch.rand(B, 1, Nq, Nk) > 0.3).to(DEVICE)
+    else:
+        inputs.append(torch.randn(HQ, device=DEVICE).requires_grad_())
+        mods.update(alibi_slopes=torch.rand(B, HQ, device=DEVICE), softcap=4.0)
+    seqused_k = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    kernel = softmax_attention if normalizer == "ssmax" else entmax_attention
+    extra_args = {} if normalizer == "ssmax" else {"alpha": alpha}
+    out = kernel(q, k, v, causal_offset=0, causal_from_end=True, length_scale=s, seqused_k=seqused_k,
+                 sink=inputs[4] if len(inputs) > 4 else None, **mods, **extra_args)
+
+    def reference(args):
+        q_, k_, v_, s_, *sink = args
+        outs = []
+        for b, n in enumerate(min(n, Nk) for n in lengths):
+            kw = {name: value.cpu() for name, value in mods.items() if torch.is_tensor(value)}
+            kw = {"attn_mask": kw["attn_mask"][b:b + 1, ..., :n]} if "attn_mask" in kw else \
+                {"alibi_slopes": kw["alibi_slopes"][b:b + 1].double(), "softcap": mods["softcap"]}
+            outs.append(longattn.scaled_dot_product_attention(
+                q_[b:b + 1], k_[b:b + 1, :, :n], v_[b:b + 1, :, :n], causal_offset="bottom_right",
+                window_size=mods["window_size"], normalizer=normalizer, alpha=alpha, length_scale=s_,
+                sink=sink[0] if sink else None, enable_gqa=True, backend="reference", **kw))
+        return torch.cat(outs)
+
+    check_kernel_call(out, inputs, reference, torch.float32, ["dq", "dk", "dv", "ds", "dsink"][:len(inputs)])

@@ -75,14 +75,19 @@ def test_unbatched_and_int64():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_compiles_without_a_graph_break():
-    """The lengths are folded into a mask by tensor ops: no host read, so one graph."""
+@pytest.mark.parametrize("causal_offset", [None, "bottom_right"])
+def test_compiles_without_a_graph_break(causal_offset):
+    """The lengths are folded into a mask by tensor ops: no host read, so one graph. Counted from
+    each batch's end, the bounds and ALiBi join the mask too; eager runs the batches one by one."""
     q, k, v, s, _ = inputs(torch.float32)
     lengths = torch.tensor(LENGTHS)
+    kwargs = dict(causal_offset=causal_offset, window_size=(2, 0), alibi_slopes=torch.rand(4))
+    kwargs = kwargs if causal_offset else {}
 
     def attention(q, k, v, lengths):
         return longattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, normalizer="entmax",
-                                                     length_scale=s, seqused_k=lengths, backend="torch")
+                                                     length_scale=s, seqused_k=lengths, backend="torch",
+                                                     **kwargs)
 
     compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, lengths), attention(q, k, v, lengths), rtol=1e-6, atol=1e-6)
@@ -101,8 +106,37 @@ def test_bad_key_lengths(seqused_k, error, match):
         longattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, seqused_k=seqused_k)
 
 
-def test_bottom_right_with_key_lengths_is_refused():
-    q, k, v, _, _ = inputs()
-    with pytest.raises(ValueError, match="'bottom_right' with seqused_k"):
-        longattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, seqused_k=torch.tensor(LENGTHS),
-                                              causal_offset="bottom_right")
+def per_batch(q, k, v, lengths, slopes, mask, **kwargs):
+    """Each batch alone on its first keys, bottom-right aligned: what the per-batch corner means."""
+    outs = []
+    for b, n in enumerate(lengths.clamp(0, k.shape[-2]).tolist()):
+        outs.append(longattn.scaled_dot_product_attention(
+            q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], attn_mask=mask[..., :n],
+            alibi_slopes=slopes[b:b + 1], causal_offset="bottom_right", backend="reference", **kwargs))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("normalizer,alpha", NORMALIZER_CASES)
+def test_bottom_right_counts_from_each_batchs_key_length(backend, normalizer, alpha):
+    """`causal_offset="bottom_right"` with key lengths aligns batch b at `seqused_k[b] - Nq`
+    (flash-attn's `cache_seqlens`): each batch equals itself alone on its first keys, with a
+    window, ALiBi (whose diagonal moves with the corner), a sink and a float mask beside it;
+    the output and every gradient (q, k, v, length scale, mask, sink). The lengths 5 < Nq leave
+    rows with no key. `torch` runs the batches one at a time, `reference` takes a mask."""
+    lengths = torch.tensor(LENGTHS)
+    q, k, v, s, bias = inputs()
+    slopes, sink = torch.rand(len(LENGTHS), 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    kwargs = dict(enable_gqa=True, normalizer=normalizer, alpha=alpha, window_size=(3, 1), softcap=3.0)
+    args = leaves((q, k, v, s, bias, sink))
+    out = longattn.scaled_dot_product_attention(
+        *args[:3], attn_mask=args[4], length_scale=args[3], sink=args[5], alibi_slopes=slopes,
+        seqused_k=lengths, causal_offset="bottom_right", backend=backend, **kwargs)
+    args2 = leaves((q, k, v, s, bias, sink))
+    ref = per_batch(*args2[:3], lengths, slopes, args2[4], length_scale=args2[3], sink=args2[5], **kwargs)
+    assert out.isfinite().all()
+    assert rel_err(out, ref) < 1e-12
+    assert out[0].abs().max() == 0 and out[1, :, :4].abs().max() == 0  # no key: batch 0, and 4 rows of 1
+    grad = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args2, grad)
+    for name, g, w in zip(("q", "k", "v", "length_scale", "attn_mask", "sink"), got, want):
+        assert rel_err(g, w) < 1e-10, name

@@ -142,9 +142,12 @@ DOC_CASES = [
     (2, 2, 2, 9, 12, 8, 5, "float", True, None, 0.8, None, (3, 0)),  # a causal sliding window
     (1, 4, 2, 9, 7, 8, 5, None, False, 2, None, [5], (1, 2)),  # a window around a shifted diagonal
     (2, 2, 2, 9, 9, 8, 5, "bool", False, None, "tensor", None, (2, 4)),  # a two-sided window, not causal
+    # bottom-right at each batch's key length: 4 < Nq leaves rows empty, 12 > Nk is clamped
+    (3, 4, 2, 7, 10, 8, 5, "float", False, "bottom_right", "tensor", [0, 4, 12], (2, 0)),
 ]
 # (softcap, ALiBi slopes' shape) beside some of the cases above, by index
-MODIFIERS = {0: (1.5, None), 1: (None, "heads"), 2: (2.5, "batch"), 6: (0.7, "heads"), 7: (None, "batch")}
+MODIFIERS = {0: (1.5, None), 1: (None, "heads"), 2: (2.5, "batch"), 6: (0.7, "heads"), 7: (None, "batch"),
+             8: (1.5, "batch")}
 
 
 @pytest.mark.parametrize("normalizer,alpha", NORMALIZER_CASES)
