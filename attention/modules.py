@@ -79,11 +79,28 @@ class ScaledDotProductAttention(nn.Module):
         softcap: float | None = None,
         alibi_slopes: torch.Tensor | None = None,
         sink: torch.Tensor | None = None,
+        context_parallel=None,
     ) -> torch.Tensor:
         """``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` -> ``(B, Hq, Nq, Dv)``;
         ``causal_offset`` (``"bottom_right"`` when decoding with a KV cache), ``seqused_k``,
         ``window_size``, ``softcap``, ``alibi_slopes`` and ``sink`` as
-        :func:`longattn.scaled_dot_product_attention`."""
+        :func:`longattn.scaled_dot_product_attention`. With ``context_parallel`` (a
+        :class:`longattn.distributed.ContextParallel`) the inputs are this rank's shards of
+        one sequence, attended by :func:`longattn.distributed.context_parallel_attention`,
+        which takes the causal mask and its offset, the scale and GQA but no other mask or
+        modifier."""
+        if context_parallel is not None:
+            others = {"attn_mask": attn_mask, "seqused_k": seqused_k, "window_size": window_size,
+                      "softcap": softcap, "alibi_slopes": alibi_slopes, "sink": sink,
+                      "dropout_p": dropout_p or None}
+            given = [name for name, value in others.items() if value is not None]
+            if given:
+                raise ValueError(f"context-parallel attention takes no {', '.join(given)}; it takes the "
+                                 "causal mask and its offset, the scale and GQA")
+            return context_parallel.attention(
+                query, key, value, is_causal=is_causal, causal_offset=causal_offset, scale=scale,
+                enable_gqa=enable_gqa, normalizer=self.normalizer, alpha=self.alpha,
+                length_scale=self.length_scale, backend=self.backend)
         return scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             normalizer=self.normalizer, alpha=self.alpha, length_scale=self.length_scale,

@@ -137,9 +137,15 @@ class StudyConfig:
 # Training and evaluation
 
 
-def train(model: Transformer, cfg: StudyConfig, seed: int, desc: str = "", position: int = 0) -> list[float]:
+def train(model: Transformer, cfg: StudyConfig, seed: int, desc: str = "", position: int = 0,
+          context_parallel=None) -> list[float]:
     """AdamW on the loss at the answer positions only (the filler is unpredictable noise), with
-    linear warm-up and cosine decay. Returns the loss of every step."""
+    linear warm-up and cosine decay. Returns the loss of every step.
+
+    With `context_parallel` (a `longattn.distributed.ContextParallel`; every rank runs this with
+    the same model and seed), each rank computes its shard of the sequence and its share of the
+    loss, and the gradients are summed over the group before each step, so every rank takes the
+    step one process would."""
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, cfg.steps // 20)
@@ -153,16 +159,39 @@ def train(model: Transformer, cfg: StudyConfig, seed: int, desc: str = "", posit
     bar = tqdm(range(cfg.steps), desc=f"train {desc}", leave=False, mininterval=1.0, position=position)
     for _ in bar:
         batch = make_batch(cfg.train_task, cfg.batch_size, cfg.train_length, None, generator, cfg.task_config)
-        logits = model(batch.tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if context_parallel is None:
+            logits = model(batch.tokens)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+            loss.backward()
+        else:
+            loss = _context_parallel_step(model, batch, context_parallel)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return losses
+
+
+def _context_parallel_step(model: Transformer, batch, cp) -> torch.Tensor:
+    """The backward of one batch run context-parallel: this rank's share of the mean loss (its
+    answer positions' summed loss over every rank's count), then the gradients summed over the
+    group. Returns the whole batch's loss."""
+    import torch.distributed as dist
+
+    targets = cp.shard(batch.targets, dim=1)
+    logits = model(batch.tokens, context_parallel=cp)
+    count = (batch.targets != IGNORE).sum()  # the whole sequence's, known to every rank
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / count
+    loss.backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=cp.group)
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=cp.group)
+    return total
 
 
 @torch.no_grad()

@@ -187,22 +187,30 @@ class Attention(nn.Module):
         if config.positional == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, rows: list[int] | None = None):
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, rows: list[int] | None = None,
+                context_parallel=None):
         """`x` (B, T, C) holds positions `start .. start + T - 1`; `cache` (or None) holds the
         keys and values of positions `0 .. start - 1` and is extended. Returns `(B, T, C)` and
-        the weights of the rows at positions `rows` (None without)."""
+        the weights of the rows at positions `rows` (None without). With `context_parallel`,
+        `x` is this rank's shard of one causal sequence (`Transformer.forward`)."""
         c = self.config
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        if context_parallel is not None:
+            positions = context_parallel.positions(x.shape[1], x.device)
+        else:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.n_head)
         k, v = rearrange(self.kv_proj(x), "b t (two h d) -> two b h t d", two=2, h=self.n_kv_head)
         q = rotate(q, positions, c.rotary_dim, c.rope_base)
         k = rotate(k, positions, c.rotary_dim, c.rope_base)
+        gqa = self.n_head != self.n_kv_head
+        if context_parallel is not None:  # the causal mask over the whole sequence, every rank's keys
+            y = self.attend(q, k, v, enable_gqa=gqa, is_causal=True, context_parallel=context_parallel)
+            return self.out_proj(rearrange(y, "b h t d -> b t (h d)")), None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # Query row i sits at position start + i: it may see keys j <= i + start (bottom-right),
         # so SSMax's n_i is the same whether the prefix came from the cache or not. ALiBi's
         # distances, `i + start - j`, count from that diagonal too: the kernels compute them.
-        gqa = self.n_head != self.n_kv_head
         offset = k.shape[2] - x.shape[1]
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
         slopes = self.slopes if c.positional == "alibi" else None
@@ -235,8 +243,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(config.d_model), Attention(config, layer)
         self.mlp_norm, self.mlp = RMSNorm(config.d_model), SwiGLU(config)
 
-    def forward(self, x, start, cache, rows=None):
-        h, weights = self.attn(self.attn_norm(x), start, cache, rows)
+    def forward(self, x, start, cache, rows=None, context_parallel=None):
+        h, weights = self.attn(self.attn_norm(x), start, cache, rows, context_parallel)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), weights
 
@@ -259,13 +267,20 @@ class Transformer(nn.Module):
                 p.data /= math.sqrt(2 * config.n_layer)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                attention_rows: list[int] | None = None):
+                attention_rows: list[int] | None = None, context_parallel=None):
         """Token ids `idx` (B, T) -> logits (B, T, vocab). With `cache` (from `new_cache`), `idx`
         continues the tokens already cached, and the cache grows by T. With `attention_rows`
         (positions), returns `(logits, weights)`: per layer, the attention weights of those rows,
-        `(B, Hq, len(rows), Nk)`, for measuring attention; the model keeps no state of them."""
+        `(B, Hq, len(rows), Nk)`, for measuring attention; the model keeps no state of them.
+
+        With `context_parallel` (a `longattn.distributed.ContextParallel`), `idx` is the whole
+        sequence on every rank (token ids cost little) and the logits are this rank's shard,
+        `(B, T / P, vocab)` in `context_parallel.shard` order: each rank embeds and runs its own
+        positions, and attention runs context-parallel (RoPE at the global positions)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T); got {tuple(idx.shape)}")
+        if context_parallel is not None:
+            return self._forward_context_parallel(idx, cache, attention_rows, context_parallel)
         start = 0 if cache is None else cache.length
         x = self.embed(idx)  # (B, T, C)
         if self.shift is not None:  # position t also sees token t - 1 (the cache keeps the last)
@@ -279,6 +294,24 @@ class Transformer(nn.Module):
             weights.append(w)
         logits = self.norm(x) @ self.embed.weight.T  # tied embeddings
         return logits if attention_rows is None else (logits, weights)
+
+    def _forward_context_parallel(self, idx, cache, attention_rows, cp):
+        c = self.config
+        refused = [name for name, given in [
+            ("cache", cache is not None), ("attention_rows", attention_rows is not None),
+            ("sliding_window", c.sliding_window is not None), ("positional='alibi'", c.positional == "alibi"),
+        ] if given]
+        if refused:
+            raise ValueError(f"context-parallel forward takes no {', '.join(refused)}: it runs one whole "
+                             "causal sequence, with RoPE or NoPE")
+        x = self.embed(cp.shard(idx, dim=1))  # (B, T / P, C): this rank's tokens
+        if self.shift is not None:  # token t - 1 of each position, from the whole sequence's ids
+            before = self.embed(cp.shard(torch.cat((idx[:, :1], idx[:, :-1]), dim=1), dim=1))
+            first = (cp.positions(x.shape[1], x.device) == 0).view(1, -1, 1)
+            x = x + self.shift(before.masked_fill(first, 0.0))
+        for block in self.blocks:
+            x, _ = block(x, 0, None, None, cp)
+        return self.norm(x) @ self.embed.weight.T
 
     def new_cache(self) -> KVCache:
         """An empty cache for `forward` and `generate`."""

@@ -35,3 +35,15 @@ def test_hf_swap(normalizer):
     assert "before: loss" in out and "after:  loss" in out
     assert "same results: True" in out
     assert ("learned s per layer and head" in out) == (normalizer == "ssmax")
+
+
+def test_context_parallel_under_torchrun():
+    """The README's command, `torchrun --standalone --nproc-per-node 2`, on a short sequence:
+    every mode equals the single-process call to float32 rounding (softmax by three, entmax by
+    the two that serve it)."""
+    out = run_example("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "examples/context_parallel.py", "--length", "96")
+    lines = [line for line in out.splitlines() if "max abs err" in line]
+    assert len(lines) == 5, out
+    for line in lines:
+        assert float(line.split("one process ")[1].split(",")[0]) < 1e-5, line

@@ -125,8 +125,10 @@ def test_one_huge_logit_takes_all_the_weight(settings, backend):
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_the_reference_is_twice_differentiable(settings):
     """gradgradcheck on the reference (its entmax backward gave NaN second derivatives at the
-    support's edge)."""
-    q, k, v = (t.detach().requires_grad_() for t in _qkv(n_q=5, n_k=6))
+    support's edge). Few elements, GQA kept: gradgradcheck's cost grows with each input; the
+    queries scaled so that every sparse normalizer has zeros among the allowed keys."""
+    q = (3 * torch.randn(1, 2, 5, 4, dtype=torch.float64)).requires_grad_()
+    k, v = (torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = torch.rand(5, 6) < 0.8
     mask[:, 0] = True
 

@@ -227,22 +227,19 @@ def build(family, name, bound, options, capability):
 def _cases():
     """`(family, D, N, causal, length scaling, alpha, dtypes)` of each dense launcher run: the
     dispatcher's choices (tile_config, the heuristics' EVEN_* and ALPHA_* flags) follow from
-    these. For softmax, even lengths cover the whole grid; the uneven length (the masked loads
-    and the key-bound mask) runs in fp16 only and without length scaling: the dtype changes no
-    instruction but the conversions, and length scaling is covered at even lengths. Softmax
-    builds the plain kernel and the one with every switch (causal and length-scaled: the most
-    registers), not each combination between. The entmax kernels have three variants
-    (sparsemax, alpha 1.5, a pow for other alpha), so each variant gets a subset of the
-    switches, covering each switch at least once per head dim, to keep the file near two
-    minutes on 2 cores."""
+    these. Even lengths cover the whole grid; the uneven length (the masked loads and the
+    key-bound mask) is built with key lengths (`_key_length_cases`: the same launches plus one
+    bound a program) and masks (`_mask_cases`). Softmax builds the plain kernel and the one with
+    every switch (causal and length-scaled: the most registers), not each combination between.
+    The entmax kernels have three variants (sparsemax, alpha 1.5, a pow for other alpha), so
+    each variant gets a subset of the switches, covering each switch at least once per head
+    dim, to keep the file near two minutes on 2 cores."""
     for d in HEAD_DIMS:
         yield "softmax", d, LENGTHS["even"], False, False, None, ["bf16"]
         yield "softmax", d, LENGTHS["even"], True, True, None, ["fp16", "bf16"]
-        yield "softmax", d, LENGTHS["uneven"], True, False, None, ["fp16"]
         yield "entmax", d, LENGTHS["even"], False, False, 2.0, ["bf16"]  # fp16: the varlen cases
         yield "entmax", d, LENGTHS["even"], True, True, 1.5, ["fp16"]
         yield "entmax", d, LENGTHS["even"], True, False, 1.25, ["bf16"]
-        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["fp16"]
 
 
 def _varlen_cases():
