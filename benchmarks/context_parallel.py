@@ -41,8 +41,9 @@ def traffic(mode: str, B: int, N: int, P: int, Hq: int, Hkv: int, D: int, Dv: in
       takes the key heads its query heads read: `max(Hkv, P)` key heads are sent in all. A rank
       holds its heads over the whole sequence: q, out, k, v and their gradients.
     - ring: the K/V shard goes once around the ring in the forward (`P - 1` sends); the
-      backward sends K/V and dK/dV around again. A rank holds two K/V shards (the one it
-      computes on and the one arriving) and two dK/dV accumulators."""
+      backward sends K/V around again (`P - 1`) and the float32 dK/dV accumulators `P` hops. A
+      rank holds two K/V shards (the one it computes on and the one arriving) and, in the
+      backward, two float32 accumulators (its own and the one arriving)."""
     n, kv = N // P, Hkv * (D + Dv)
     share = (P - 1) / P
     if mode == "allgather":
@@ -59,9 +60,9 @@ def traffic(mode: str, B: int, N: int, P: int, Hq: int, Hkv: int, D: int, Dv: in
         return {"sent_fwd": fwd * element, "sent_bwd": fwd * element, "held": held * element}
     if mode == "ring":
         shard = B * n * kv
-        held = 4 * shard + B * n * Hq * (D + Dv) * 2
-        return {"sent_fwd": (P - 1) * shard * element, "sent_bwd": 2 * (P - 1) * shard * element,
-                "held": held * element}
+        held = 2 * shard * element + 2 * shard * 4 + B * n * Hq * (D + Dv) * 2 * element
+        return {"sent_fwd": (P - 1) * shard * element, "sent_bwd": ((P - 1) * element + P * 4) * shard,
+                "held": held}
     raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -194,6 +195,7 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
+    dist.barrier()  # no rank tears its group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -1,5 +1,5 @@
 """Context parallelism: one sequence sharded across the ranks of a `torch.distributed` group,
-attention computed exactly as on one device, for every normalizer.
+attention computed as on one device (the same arithmetic, to rounding), for every normalizer.
 
 Three modes, each a trade of memory against communication (P ranks, N tokens, H heads, D dims):
 - `"allgather"`: K and V are all-gathered once, each rank attends with its own queries to
@@ -49,7 +49,8 @@ class ContextParallel:
 
     group: dist.ProcessGroup | None = None
     mode: str | None = None
-    layout: str = "zigzag"
+    layout: str = "contiguous"  # as every function here defaults; "zigzag" evens out causal work
+    check_shards: bool = True  # `context_parallel_attention`'s: one shape all-gather (a host sync) a call
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -70,7 +71,7 @@ class ContextParallel:
     def attention(self, query, key, value, **kwargs) -> torch.Tensor:
         """`context_parallel_attention` over this group, mode and layout."""
         return context_parallel_attention(query, key, value, group=self.group, mode=self.mode,
-                                          layout=self.layout, **kwargs)
+                                          layout=self.layout, check_shards=self.check_shards, **kwargs)
 
 
 def context_parallel_attention(
@@ -89,6 +90,7 @@ def context_parallel_attention(
     alpha: float = 1.5,
     length_scale: float | torch.Tensor | None = None,
     backend: str = "auto",
+    check_shards: bool = True,
 ) -> torch.Tensor:
     r"""Attention over a sequence sharded across the ranks of `group` (dim -2 of each input),
     returning this rank's shard of the output. Equivalent to the following, where
@@ -123,6 +125,9 @@ def context_parallel_attention(
         is_causal, causal_offset, scale, enable_gqa, normalizer, alpha, length_scale, backend:
             as :func:`longattn.scaled_dot_product_attention`, over the whole sequence
             (``"bottom_right"`` is ``N_k - N_q`` of the whole sequence).
+        check_shards: all-gather every rank's shapes first, so that mismatched shards raise
+            a ``ValueError`` on every rank rather than hang a collective; it reads them on the
+            host, a sync per call. ``False`` skips it where the caller guarantees equal shards.
 
     Returns:
         ``(B, Hq, n_q, Dv)``: this rank's shard of the output, in the layout of the query.
@@ -130,12 +135,20 @@ def context_parallel_attention(
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("context_parallel_attention needs torch.distributed initialised "
                          "(torch.distributed.init_process_group) before it is called")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    layout, mode = check_layout(layout), _check_mode(mode)
+    normalizer = checks.check_normalizer(normalizer)
+    if checks.check_flag("check_shards", check_shards):
+        _check_same_shapes(query, key, value, group)  # first: every later check then agrees on all ranks
     checks.check_qkv(query, key, value, checks.check_flag("enable_gqa", enable_gqa))
     if query.dim() != 4:
         raise ValueError(f"query, key and value must be batched (B, H, n, D) shards; got query of shape "
                          f"{tuple(query.shape)}")
-    layout, mode = check_layout(layout), _check_mode(mode)
-    normalizer = checks.check_normalizer(normalizer)
+    if layout == "zigzag" and (query.shape[-2] % 2 or key.shape[-2] % 2):
+        raise ValueError(f"layout='zigzag' needs shards of even length (two chunks each); got n_q = "
+                         f"{query.shape[-2]}, n_k = {key.shape[-2]}")
     if mode == "ring":
         _check_ring(normalizer, backend)
     causal = checks.check_causal(is_causal, causal_offset)
@@ -143,7 +156,6 @@ def context_parallel_attention(
     world = dist.get_world_size(group)
     if mode == "ulysses":
         _check_heads(query.shape[1], key.shape[1], world)
-    _check_shards(query, key, value, group, layout)
     if causal == checks.BOTTOM_RIGHT:
         causal = world * (key.shape[-2] - query.shape[-2])
     kwargs = dict(scale=scale, enable_gqa=enable_gqa, normalizer=normalizer, alpha=alpha, backend=backend)
@@ -244,22 +256,21 @@ def _check_heads(h_q: int, h_kv: int, world: int) -> None:
                          f"{h_kv} key heads); mode='allgather' serves any head count")
 
 
-def _check_shards(q, k, v, group, layout) -> None:
-    """Every rank's shards have the same shapes (one all-gather of their sizes, read on the
-    host), so every collective after it matches; with the zigzag layout, even lengths."""
+def _check_same_shapes(q, k, v, group) -> None:
+    """Every rank's shards have the same shapes: one all-gather of their sizes, read on the host
+    (a sync), before any other check, so that every rank raises or none does, and every
+    collective after it matches."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if layout == "zigzag" and (q.shape[-2] % 2 or k.shape[-2] % 2):
-        raise ValueError(f"layout='zigzag' needs shards of even length (two chunks each); got n_q = "
-                         f"{q.shape[-2]}, n_k = {k.shape[-2]}")
     if world == 1:
         return
-    mine = torch.tensor([*q.shape, *k.shape, *v.shape], dtype=torch.int64, device=q.device)
+    padded = [[t.dim(), *t.shape[:4], *[-1] * (4 - min(t.dim(), 4))] for t in (q, k, v)]
+    mine = torch.tensor(sum(padded, []), dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
     shapes = [t.tolist() for t in everyone]
     for other, theirs in enumerate(shapes):
         if theirs != shapes[rank]:
-            q_r, k_r, v_r = (tuple(theirs[i:i + 4]) for i in (0, 4, 8))
+            q_r, k_r, v_r = (tuple(x for x in theirs[i + 1:i + 5] if x >= 0) for i in (0, 5, 10))
             raise ValueError(
                 f"every rank's shards must have the same shapes; rank {other} has query {q_r}, key "
                 f"{k_r}, value {v_r}, rank {rank} has {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

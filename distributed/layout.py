@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 LAYOUTS = ("contiguous", "zigzag")
+# The autograd all-gather under its current name, or the one older torch releases give it
+_ALL_GATHER = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 def check_layout(layout) -> str:
@@ -58,7 +60,7 @@ def gather_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim
     world = dist.get_world_size(group)
     if world == 1:
         return x
-    stacked = funcol.all_gather_single_autograd(x.movedim(dim, 0).contiguous(), 0, _group(group))
+    stacked = funcol.wait_tensor(_ALL_GATHER(x.movedim(dim, 0).contiguous(), 0, _group(group)))
     shards = torch.chunk(stacked, world)  # in rank order, each (n, ...)
     return in_sequence_order(list(shards), check_layout(layout), 0).movedim(0, dim)
 
@@ -85,7 +87,9 @@ def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     received, stacked along dim 0 in source-rank order. Differentiable."""
     if dist.get_world_size(group) == 1:
         return x
-    return funcol.all_to_all_single_autograd(x.contiguous(), None, None, _group(group))
+    # waited here, as in gather_sequence, so no result stays an AsyncCollectiveTensor (torch
+    # reported such collectives as unwaited at exit)
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), None, None, _group(group)))
 
 
 def _group(group):

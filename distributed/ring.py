@@ -2,8 +2,15 @@
 key/value shards travel around the ring, one step a shard, the next transfer overlapped with
 the current block's compute. Each block gives a partial output and its log-sum-exp, which merge
 exactly: `lse = logaddexp(lse_a, lse_b)`, `out = out_a e^(lse_a - lse) + out_b e^(lse_b - lse)`.
-The backward sends the shards around again (none is kept), with each shard's dK/dV accumulator
-travelling beside it and, after the last step, returning to its owner.
+The backward sends the shards around again (none is kept), overlapped with the blocks as in the
+forward, with each shard's float32 dK/dV accumulator travelling beside it (a hop after each step,
+not overlapped: the next step adds to it) and, after the last step, returning to its owner.
+
+Precision: the merge and the accumulators are float32 (float64 for float64 inputs), so float32
+and float64 runs equal one device's to rounding. In 16 bits each block's partial output and
+gradients come back rounded to the inputs' dtype before they are merged, as in ring-flash-attn,
+and SSMax's factor is folded into 16-bit queries (as the flash-attn adaptor folds it): errors of
+a few roundings a row, growing with P, where one device rounds once.
 
 SSMax's factor `s_h ln(n_i)`, with `n_i` the keys row i sees in the whole sequence, is folded
 into the queries before the ring (`length_factor`), so autograd takes `s` its gradient.
@@ -29,7 +36,7 @@ BACKENDS = ("auto", "torch", "triton")
 def ring_attention(q, k, v, *, scale: float, causal: int | None, group, layout: str, backend: str):
     """This rank's shard of softmax attention over the ring (`causal`: None, or the offset of
     the causal mask in global positions)."""
-    return _RingAttention.apply(q, k, v, scale, causal, group, layout, _block_functions(backend, q))
+    return _RingAttention.apply(q, k, v, scale, causal, group, layout, _block_functions(backend, q, k, v))
 
 
 def length_factor(length_scale, causal, rank, world, n_q, n_k_total, layout, num_heads, dtype, device):
@@ -152,11 +159,19 @@ def check_backend(backend) -> None:
                          f"got backend={backend!r}")
 
 
-def _block_functions(backend, q):
-    """`(forward, backward)` of one block, by `backend`: the Triton kernels (`"triton"`, and
-    `"auto"` on CUDA) or the torch blocks (`"torch"`, and `"auto"` elsewhere)."""
+def _block_functions(backend, q, k, v):
+    """`(forward, backward)` of one block, by `backend`: the Triton kernels (`"triton"`, which
+    refuses what they cannot do, and `"auto"` on CUDA where they serve the inputs) or the torch
+    blocks (`"torch"`, and `"auto"` elsewhere)."""
+    from ..kernels.common import MAX_HEAD_DIM, check_inputs  # host side only: compiles no kernel
+
     check_backend(backend)
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if backend == "triton":
+        check_inputs(q, k, v)
+        return triton_block_fwd, triton_block_bwd
+    kernels_serve = (q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                     and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM)
+    if backend == "auto" and q.is_cuda and kernels_serve:
         return triton_block_fwd, triton_block_bwd
     return torch_block_fwd, torch_block_bwd
 
@@ -184,7 +199,7 @@ def torch_block_fwd(q, k, v, scale, offset):
     n, m = q.shape[-2], k.shape[-2]
     out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=dtype)
     lse = q.new_empty(q.shape[:-1], dtype=dtype)
-    step = max(1, BLOCK_ELEMENTS // max(1, m))
+    step = max(1, BLOCK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * m))  # scores of `step` rows: ~1M
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         p, row_lse = _block_probs(q[..., r0:r1, :].to(dtype), k, scale, offset, r0, r1, None)
@@ -204,7 +219,7 @@ def torch_block_bwd(do, q, k, v, out, lse, scale, offset):
     n, m = q.shape[-2], k.shape[-2]
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    step = max(1, BLOCK_ELEMENTS // max(1, m))
+    step = max(1, BLOCK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * m))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         qb = q[..., r0:r1, :].to(dtype)

@@ -3,7 +3,8 @@ attention by each mode and normalizer, checked against the whole sequence on one
 
     torchrun --nproc-per-node 2 examples/context_parallel.py
 
-On CPUs the ranks talk through gloo, on GPUs through NCCL (one GPU a rank). Each rank holds
+On CPUs the ranks talk through gloo, on GPUs through NCCL (one GPU a rank: as many GPUs as
+`--nproc-per-node`; in bf16 the errors are bf16's). Each rank holds
 `N / P` tokens in the zigzag layout (two chunks, one early and one late, so causal work is
 even); rank 0 prints each mode's error against the single-process call and its time.
 """
@@ -53,6 +54,8 @@ def main() -> None:
             start = time.perf_counter()
             out = context_parallel_attention(*mine, mode=mode, layout="zigzag", is_causal=True,
                                              enable_gqa=True, normalizer=normalizer)
+            if cuda:
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             want = shard_sequence(whole, layout="zigzag")
             err = torch.tensor((out.float() - want.float()).abs().max().item(), device=device)
@@ -60,6 +63,7 @@ def main() -> None:
             if rank == 0:
                 print(f"{normalizer:8s} {mode:10s} max abs err vs one process {err.item():.1e}, "
                       f"{seconds * 1e3:7.1f} ms")
+    dist.barrier()  # no rank tears its group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -28,6 +28,7 @@ from longattn.distributed import (
     gather_sequence,
     shard_sequence,
 )
+from longattn.distributed.ring import torch_block_bwd, torch_block_fwd
 from longattn.models.needle import StudyConfig, train
 from longattn.models.tasks import IGNORE
 from longattn.models.transformer import Transformer, TransformerConfig
@@ -96,6 +97,9 @@ ERRORS = {
     "ring-entmax": "mode='ring' serves softmax and SSMax, whose partial rows merge through their "
                    "log-sum-exp; normalizer='entmax'",
     "ring-reference": "mode='ring' computes its blocks on backend 'torch' or 'triton'",
+    # bad on one rank only: the shapes are compared first, so every rank raises, none hangs
+    "one-rank-odd-zigzag": "every rank's shards must have the same shapes; rank",
+    "one-rank-heads": "every rank's shards must have the same shapes; rank",
 }
 
 
@@ -155,6 +159,10 @@ def _run_error(world, rank, what):
         "bad-mode": lambda: context_parallel_attention(q, k, v, mode="ring-of-fire"),
         "ring-entmax": lambda: context_parallel_attention(q, k, v, mode="ring", normalizer="entmax"),
         "ring-reference": lambda: context_parallel_attention(q, k, v, mode="ring", backend="reference"),
+        "one-rank-odd-zigzag": lambda: context_parallel_attention(q[..., :6 - rank, :], k, v,
+                                                                  layout="zigzag"),
+        "one-rank-heads": lambda: context_parallel_attention(q[:, :4 - rank], k[:, :4 - rank],
+                                                             v[:, :4 - rank], mode="ulysses"),
     }[what]
     try:
         call()
@@ -242,6 +250,7 @@ def _worker(rank, world, init_file, out_dir, names):
         except Exception:
             results[name] = "failed: " + traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears its group down while another still talks to it
     dist.destroy_process_group()
 
 
@@ -313,6 +322,25 @@ def test_the_transformer_refuses_what_it_cannot_shard():
     model = Transformer(TransformerConfig(positional="alibi"))
     with pytest.raises(ValueError, match="takes no positional='alibi'"):
         model(torch.zeros(1, 8, dtype=torch.long), context_parallel=ContextParallel())
+
+
+@pytest.mark.parametrize("offset", [None, 100], ids=["full", "causal-offset"])
+def test_torch_blocks_match_softmax_across_row_blocks(offset):
+    """The ring's torch blocks, over two blocks of rows (600 rows x 512 keys x 4 heads passes the
+    1M-score bound): `(out, lse)` of the forward, and the backward given them, against autograd
+    through plain softmax, GQA, float64."""
+    q = torch.randn(1, 4, 600, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 512, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    z = 0.3 * q @ k.repeat_interleave(2, 1).transpose(-2, -1)
+    if offset is not None:
+        z = z.masked_fill(torch.ones(600, 512, dtype=torch.bool).triu(offset + 1), float("-inf"))
+    want = torch.softmax(z, -1) @ v.repeat_interleave(2, 1)
+    out, lse = torch_block_fwd(q, k, v, 0.3, offset)
+    assert rel_err(out, want) < 1e-13 and rel_err(lse, torch.logsumexp(z, -1)) < 1e-13
+    do = torch.randn_like(want)
+    got = torch_block_bwd(do, q, k, v, out, lse, 0.3, offset)
+    for name, g, w in zip(("dq", "dk", "dv"), got, torch.autograd.grad(want, (q, k, v), do)):
+        assert rel_err(g, w) < 1e-12, name
 
 
 def test_needs_an_initialised_process_group():
