@@ -206,14 +206,14 @@ def _triton_args(call: AttentionCall, *scalars) -> tuple:
     points' `window_size` would lose ALiBi's diagonal where a window's right edge was folded into
     the causal offset): the inputs, `scalars` (the scale, and entmax's alpha), the bounds, the
     logit modifiers and, packed, the documents (their offsets stay on the device: no sync)."""
-    from ..kernels.common import check_inputs
+    from ..kernels.common import DENSE_FROM_END, check_inputs
 
     q, k, v = call.query, call.key, call.value
     check_inputs(q, k, v, varlen=call.docs is not None)
     if call.docs is not None:
         varlen = (*_triton_docs(call.docs), call.docs.causal_from_end)
     else:  # dense: the trailing arguments only to count the bounds from each batch's key length
-        varlen = (None, None, 0, 0, True) if call.causal_from_end else ()
+        varlen = DENSE_FROM_END if call.causal_from_end else ()
     block_map = call.block_map
     flags, block_size = (None, 128) if block_map is None else (block_map.flags, block_map.block_size)
     return (q, k, v, *scalars, call.causal_offset, call.length_scale, call.seqused_k, call.window_offset,

@@ -159,15 +159,8 @@ class AttentionCall:
             mask = mask[(None,) * (4 - mask.dim())]  # as 4-D: its batch dim may be broadcast
             mask = mask[b:b + 1] if mask.shape[0] > 1 else mask
             mask = mask[..., :n_k] if mask.shape[-1] > 1 else mask
-        slopes = call.alibi_slopes
-        if slopes is not None:
-            slopes = slopes[b:b + 1] if slopes.shape[0] > 1 else slopes
-        offsets = [None if o is None else o + n_k - n_q for o in (call.causal_offset, call.window_offset)]
-        alibi_offset = None if call.alibi_offset is None else call.alibi_offset + n_k - n_q
-        return replace(call, query=q, key=k, value=v, attn_mask=mask, seqused_k=None, alibi_slopes=slopes,
-                       causal_offset=clamp_causal_offset(offsets[0], n_q, n_k),
-                       window_offset=clamp_causal_offset(offsets[1], n_q, n_k), alibi_offset=alibi_offset,
-                       causal_from_end=False)
+        return replace(call, query=q, key=k, value=v, attn_mask=mask, seqused_k=None, causal_from_end=False,
+                       **call._sequence_bounds(b, n_k - n_q, n_q, n_k))
 
     def block_map_as_mask(self) -> AttentionCall:
         """The call with its block map folded into `attn_mask`, for the paths that take masks but
@@ -194,13 +187,19 @@ class AttentionCall:
             t[a:b].transpose(0, 1).unsqueeze(0)
             for t, (a, b) in ((self.query, (q0, q1)), (self.key, (k0, k1)), (self.value, (k0, k1)))
         )
-        offsets = [self.causal_offset, self.window_offset, self.alibi_offset]
-        for i, offset in enumerate(offsets):
-            if offset is not None and self.docs.causal_from_end:
-                offset += (k1 - k0) - (q1 - q0)
-            offsets[i] = clamp_causal_offset(offset, q1 - q0, k1 - k0) if i < 2 else offset
+        shift = (k1 - k0) - (q1 - q0) if self.docs.causal_from_end else 0
+        return replace(self, query=q, key=k, value=v, docs=None,
+                       **self._sequence_bounds(d, shift, q1 - q0, k1 - k0))
+
+    def _sequence_bounds(self, index: int, shift: int, n_q: int, n_k: int) -> dict:
+        """The fields of sequence `index` (a document, or a batch entry) run as a dense call of
+        its own: the causal and window offsets moved by `shift` (its corner's, or 0) and clamped
+        to its lengths, ALiBi's diagonal moved and not clamped, its row of the slopes."""
+        causal, window = (None if o is None else clamp_causal_offset(o + shift, n_q, n_k)
+                          for o in (self.causal_offset, self.window_offset))
         slopes = self.alibi_slopes
-        if slopes is not None:
-            slopes = slopes[d:d + 1] if slopes.shape[0] > 1 else slopes
-        return replace(self, query=q, key=k, value=v, causal_offset=offsets[0], window_offset=offsets[1],
-                       alibi_offset=offsets[2], alibi_slopes=slopes, docs=None)
+        if slopes is not None and slopes.shape[0] > 1:
+            slopes = slopes[index:index + 1]
+        alibi = None if self.alibi_offset is None else self.alibi_offset + shift
+        return {"causal_offset": causal, "window_offset": window, "alibi_offset": alibi,
+                "alibi_slopes": slopes}

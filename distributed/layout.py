@@ -49,8 +49,7 @@ def shard_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim:
     if n_total % parts:
         raise ValueError(f"the sequence's length along dim {dim}, {n_total}, must be a multiple of "
                          f"{parts} for the {layout} layout over {world} ranks")
-    n = n_total // world
-    return torch.cat([x.narrow(dim, g, length) for _, length, g in segments(rank, world, n, layout)], dim=dim)
+    return _shard_of(x, rank, world, layout, dim)
 
 
 def gather_sequence(x: torch.Tensor, group=None, layout: str = "contiguous", dim: int = -2) -> torch.Tensor:
@@ -77,9 +76,13 @@ def in_sequence_order(shards: list[torch.Tensor], layout: str, dim: int) -> torc
 
 def in_shard_order(full: torch.Tensor, world: int, layout: str, dim: int) -> list[torch.Tensor]:
     """The inverse of `in_sequence_order`: each rank's shard of `full`, in rank order."""
-    n = full.shape[dim] // world
-    return [torch.cat([full.narrow(dim, g, m) for _, m, g in segments(r, world, n, layout)], dim=dim)
-            for r in range(world)]
+    return [_shard_of(full, r, world, layout, dim) for r in range(world)]
+
+
+def _shard_of(full: torch.Tensor, rank: int, world: int, layout: str, dim: int) -> torch.Tensor:
+    """Rank `rank`'s shard of `full` along `dim`: a view of its one run, or its runs joined."""
+    runs = [full.narrow(dim, g, m) for _, m, g in segments(rank, world, full.shape[dim] // world, layout)]
+    return runs[0] if len(runs) == 1 else torch.cat(runs, dim=dim)
 
 
 def all_to_all(x: torch.Tensor, group) -> torch.Tensor:

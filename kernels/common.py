@@ -347,6 +347,11 @@ def first_order_only(op_name: str, grads: tuple, sources: tuple) -> tuple:
     return FirstOrderOnly.apply(op_name, len(grads), *grads, *sources)
 
 
+# The autograd functions' trailing varlen arguments in dense mode, where they only carry
+# `causal_from_end` (the bounds counted from each batch's key length)
+DENSE_FROM_END = (None, None, 0, 0, True)
+
+
 def save_varlen_args(ctx, varlen: tuple) -> tuple:
     """An autograd function's trailing arguments, `(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k, causal_from_end)` in varlen mode and none otherwise: keeps the scalars on `ctx`

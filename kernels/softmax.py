@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    DENSE_FROM_END,
     HEURISTICS,
     causal_args,
     check_inputs,
@@ -734,7 +735,7 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
     `alibi_offset`, `sink`, `attn_mask` and `block_map` may be None (the last two dense only; a
     float mask may require grad); the trailing arguments, `(cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k, causal_from_end)`, are given in varlen mode, and in dense mode
-    as `(None, None, 0, 0, True)` for bounds counted from each batch's end only. Forward and
+    as `DENSE_FROM_END` for bounds counted from each batch's end only. Forward and
     `setup_context` apart, as torch.func needs; its vmap rule is generated from the ops'
     (`vmap_by_loop`)."""
 
@@ -862,7 +863,7 @@ def softmax_attention(
         causal_offset = 0
     alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
-    from_end = (None, None, 0, 0, True) if causal_from_end else ()
+    from_end = DENSE_FROM_END if causal_from_end else ()
     out, lse = SoftmaxAttentionFunction.apply(q, k, v, scale, causal_offset, length_scale, seqused_k,
                                               window_offset, softcap, alibi_slopes, alibi_offset, sink,
                                               attn_mask, block_map, map_block, *from_end)
