@@ -161,6 +161,9 @@ def make_call(query, key, value, *, normalizer: str, alpha: float, length_scale,
     counted from the causal diagonal too (from `i` without one; not clamped: beside a sink a
     shifted diagonal would move weight), and, under `torch.autocast`, the inputs in its dtype
     (`_autocast`)."""
+    if isinstance(alpha, torch.Tensor) and not normalizers.get(normalizer).takes_alpha:
+        raise ValueError(f"a tensor alpha is read by normalizer='entmax' only; normalizer={normalizer!r} "
+                         "reads none (sparsemax is entmax at alpha = 2)")
     record, alpha, length_scale = normalizers.canonical(normalizer, alpha, length_scale)
     query, key, value = _autocast(query, key, value)
     causal_from_end = False
@@ -233,10 +236,19 @@ def check_int(name: str, value, expected: str = "an int") -> int:
     return operator.index(value)
 
 
-def check_alpha(alpha) -> float:
-    """alpha in `[MIN_ALPHA, 2]`: below MIN_ALPHA, float32 cannot resolve entmax's threshold."""
+def check_alpha(alpha, num_heads: int | None = None, device: torch.device | None = None):
+    """alpha in `[MIN_ALPHA, 2]`: below MIN_ALPHA, float32 cannot resolve entmax's threshold.
+
+    A real number, or (with the query's head count and device) a floating tensor of shape `()`
+    or `(Hq,)`, one alpha per query head, which may require grad. A tensor's values are checked
+    on the host where that costs no synchronisation (a CPU tensor, eagerly: a ValueError);
+    on an accelerator and under torch.compile by `torch._assert_async`, which raises (on CUDA,
+    a device-side assertion) at the next synchronisation instead of stalling this call."""
+    if isinstance(alpha, torch.Tensor) and num_heads is not None:
+        return _check_alpha_tensor(alpha, num_heads, device)
     if not is_real_number(alpha):
-        raise TypeError(f"alpha must be a real number in [{MIN_ALPHA}, 2]; got {type(alpha).__name__}")
+        expected = "a real number or a () / (Hq,) tensor" if num_heads is not None else "a real number"
+        raise TypeError(f"alpha must be {expected} in [{MIN_ALPHA}, 2]; got {type(alpha).__name__}")
     alpha = float(alpha)
     if not (math.isfinite(alpha) and 1.0 < alpha <= 2.0):
         raise ValueError(f"alpha must be in [{MIN_ALPHA}, 2] (1 is softmax, 2 is sparsemax); got {alpha}")
@@ -246,6 +258,24 @@ def check_alpha(alpha) -> float:
             "[(alpha - 1) z - tau]_+ ** (1 / (alpha - 1)) amplify float32 rounding by 1 / (alpha - 1), and "
             "at 1.01 its output is already within a few percent of softmax's: use normalizer='softmax'"
         )
+    return alpha
+
+
+def _check_alpha_tensor(alpha: torch.Tensor, num_heads: int, device: torch.device) -> torch.Tensor:
+    if not alpha.dtype.is_floating_point:
+        raise TypeError(f"alpha tensor must be floating; got {alpha.dtype}")
+    if alpha.shape not in ((), (num_heads,)):
+        raise ValueError(f"alpha must have shape ({num_heads},) (one per query head) or (); got "
+                         f"{tuple(alpha.shape)}")
+    if alpha.device != device:
+        raise ValueError(f"alpha must be on {device}; got {alpha.device}")
+    inside = ((alpha >= MIN_ALPHA) & (alpha <= 2.0)).all()
+    message = f"alpha must be in [{MIN_ALPHA}, 2] (1 is softmax, 2 is sparsemax) for every head"
+    if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(inside):
+            raise ValueError(f"{message}; got {alpha.detach().tolist()}")
+    elif alpha.device.type != "meta":
+        torch._assert_async(inside, message)
     return alpha
 
 

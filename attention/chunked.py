@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.common import first_order_only, vmap_by_loop  # host side only: compiles no kernel
-from .reference import alibi_bias, float_mask_allows
+from .reference import alibi_bias, entmax_alpha_grad, float_mask_allows
 
 if TYPE_CHECKING:
     from .call import AttentionCall
@@ -51,16 +51,19 @@ def softmax_attention(call: AttentionCall) -> torch.Tensor:
 
 
 def entmax_attention(call: AttentionCall) -> torch.Tensor:
-    """Sparsemax / alpha-entmax blockwise, O(N) extra memory per row block."""
+    """Sparsemax / alpha-entmax blockwise, O(N) extra memory per row block; a tensor alpha is
+    one per query head, with its gradient."""
     return _blockwise(call, call.alpha)
 
 
-def _blockwise(call: AttentionCall, alpha: float) -> torch.Tensor:
+def _blockwise(call: AttentionCall, alpha) -> torch.Tensor:
     q = call.query
     s = None if call.length_scale is None else _per_head(call.length_scale, q)
-    out, _, _, _ = SparseAttention.apply(q, call.key, call.value, s, call.attn_mask, call.sink,
+    alphas = _per_head(alpha, q) if isinstance(alpha, torch.Tensor) else None
+    out, _, _, _ = SparseAttention.apply(q, call.key, call.value, s, alphas, call.attn_mask, call.sink,
                                          call.alibi_slopes,
-                                         call.causal_offset, call.window_offset, call.scale, alpha,
+                                         call.causal_offset, call.window_offset, call.scale,
+                                         0.0 if alphas is not None else alpha,
                                          call.dropout_p, call.softcap, call.alibi_offset)
     return out
 
@@ -69,10 +72,16 @@ def _compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _per_head(length_scale, q):
-    """`s` as an `(Hq,)` tensor in the compute dtype; autograd reaches a tensor `length_scale`."""
-    s = torch.as_tensor(length_scale, dtype=_compute_dtype(q), device=q.device)
+def _per_head(value, q):
+    """`s` or alpha as an `(Hq,)` tensor in the compute dtype; autograd reaches a tensor one."""
+    s = torch.as_tensor(value, dtype=_compute_dtype(q), device=q.device)
     return s.expand(q.shape[1])
+
+
+def _is(alpha, value: float) -> bool:
+    """Whether `alpha` is the float `value` (a tensor of alphas, one per head, never is: its
+    heads take the general path)."""
+    return not isinstance(alpha, torch.Tensor) and alpha == value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +233,8 @@ def entmax_threshold(x, alpha, empty, work):
     Other alpha need a `pow` per element and step, 20 times the cost of a subtraction; since the
     iterates only rise, keys below the first iterate never return, so when few remain the later
     steps run on those alone. `empty` marks rows with no key (the caller zeroes them); `work` is
-    a buffer shaped like `x`. Returns (tau, passes over the block).
+    a buffer shaped like `x`. `alpha` is a float or a tensor of them that broadcasts against
+    the rows (`x[..., :1]`). Returns (tau, passes over the block).
     """
     t = torch.full(x.shape[:-1] + (1,), -1.0, dtype=x.dtype, device=x.device)
     for step in range(1, MAX_NEWTON_STEPS + 1):
@@ -232,11 +242,11 @@ def entmax_threshold(x, alpha, empty, work):
         t += delta
         if not bool((delta.abs() > _tolerance(x)).any()):  # NaN rows never hold the loop
             break
-        if step == 1 and alpha not in (1.5, 2.0):
+        if step == 1 and not (_is(alpha, 1.5) or _is(alpha, 2.0)):
             candidates = x > t
             if int(candidates.count_nonzero()) <= COMPACT_FRACTION * x.numel():
                 return _threshold_on_candidates(x, alpha, empty, t, candidates), step
-    if alpha == 1.5:  # solve sum_S (x_j - tau)^2 = 1 exactly on the support S found above
+    if _is(alpha, 1.5):  # solve sum_S (x_j - tau)^2 = 1 exactly on the support S found above
         d = torch.sub(x, t, out=work).clamp_(min=0)
         s2 = torch.linalg.vecdot(d, d).unsqueeze(-1)
         s1 = d.sum(-1, keepdim=True)
@@ -249,9 +259,12 @@ def _tolerance(x):
     return 1e-12 if x.dtype == torch.float64 else 1e-6
 
 
-def _newton_step(d, alpha, empty, reduce=None):
-    """The Newton step on `G` at `t`, from `d = [x - t]_+` (overwritten); `reduce` sums each row."""
+def _newton_step(d, alpha, empty, reduce=None, row_alpha=None):
+    """The Newton step on `G` at `t`, from `d = [x - t]_+` (overwritten); `reduce` sums each row.
+    A tensor `alpha` broadcasts against `d`; `row_alpha`, against the reduced rows, where they
+    differ (packed candidates)."""
     p = 1.0 / (alpha - 1.0)
+    p_row = p if row_alpha is None else 1.0 / (row_alpha - 1.0)
     if reduce is None:  # whole rows: a fused multiply-and-sum saves a pass
         def reduce(a):
             return a.sum(-1, keepdim=True)
@@ -261,15 +274,17 @@ def _newton_step(d, alpha, empty, reduce=None):
     else:
         def reduce_product(a, b):
             return reduce(a * b)
-    if alpha == 2.0:
+    if _is(alpha, 2.0):
         mass = reduce(d)
         slope = reduce(d.sign_())  # the support size
-    elif alpha == 1.5:
+    elif _is(alpha, 1.5):
         mass, slope = reduce_product(d, d), reduce(d)
     else:
         d_pow = d.pow(p - 1)
+        if isinstance(p, torch.Tensor):  # a head at alpha = 2 has p - 1 = 0, and 0 ** 0 is 1
+            d_pow = torch.where(d > 0, d_pow, 0.0)
         mass, slope = reduce_product(d_pow, d), reduce(d_pow)  # sum d ** p, sum d ** (p - 1)
-    return ((mass - mass.pow(1.0 - 1.0 / p)) / slope).masked_fill_(empty, 0.0)
+    return ((mass - mass.pow(1.0 - 1.0 / p_row)) / slope).masked_fill_(empty, 0.0)
 
 
 def _threshold_on_candidates(x, alpha, empty, t, candidates):
@@ -279,16 +294,27 @@ def _threshold_on_candidates(x, alpha, empty, t, candidates):
     rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
     shape = t.shape
     t, empty = t.reshape(-1, 1), empty.reshape(-1, 1)
+    row_alpha = None
+    if isinstance(alpha, torch.Tensor):  # one per row, and per packed key
+        row_alpha = alpha.expand(shape).reshape(-1, 1)
+        alpha = row_alpha[rows, 0]
 
     def reduce(a):
         return torch.segment_reduce(a, "sum", lengths=counts).unsqueeze(-1)
 
     for _ in range(MAX_NEWTON_STEPS):
-        delta = _newton_step((values - t[rows, 0]).clamp_(min=0), alpha, empty, reduce)
+        delta = _newton_step((values - t[rows, 0]).clamp_(min=0), alpha, empty, reduce, row_alpha)
         t = t + delta
         if not bool((delta.abs() > _tolerance(x)).any()):
             break
     return t.reshape(shape)
+
+
+def _add_scaled(x, y, unit):
+    """`x += unit * y` in place, for a float `unit` or a tensor that broadcasts against x."""
+    if isinstance(unit, torch.Tensor):
+        return x.add_(y * unit)
+    return x.add_(y, alpha=unit)
 
 
 class _Blocks:
@@ -302,6 +328,8 @@ class _Blocks:
     softcapping the cap comes between: `c_i` leaves `unit` out, and `x = unit * cap * tanh(y /
     cap)` of `y = c_i q.k`. A float mask and ALiBi's bias are added to `z` after it. A sink is one
     more column of logits, `unit * sink_h` in every row, that takes weight and has no value.
+    `alpha` is a float, or an `(Hq,)` tensor of them (`alpha_of` gives a block's, `(heads, G,
+    1, 1)`), which the unit and every power follow.
     """
 
     def __init__(self, q, s, attn_mask, alibi, causal_offset, window_offset, scale, alpha, h_kv, n_k,
@@ -309,13 +337,17 @@ class _Blocks:
         b, h_q, n_q, _ = q.shape
         self.group, self.n_k = h_q // h_kv, n_k
         self.causal_offset, self.window_offset, self.alpha = causal_offset, window_offset, alpha
-        self.unit = 1.0 if alpha == SOFTMAX_ALPHA else alpha - 1
+        self.head_alpha = isinstance(alpha, torch.Tensor)
+        if self.head_alpha:
+            self.unit = (alpha - 1).view(1, h_q, 1, 1)
+        else:
+            self.unit = 1.0 if alpha == SOFTMAX_ALPHA else alpha - 1
         self.softcap, self.alibi, self.alibi_offset = softcap, alibi, alibi_offset
         self.sink = None if sink is None else sink.to(q.dtype).view(1, -1, 1, 1)
         self.dropout_p, self.seed = dropout_p, seed
         self.mask4 = _mask_4d(attn_mask)
         pre = self.unit if softcap is None else 1.0  # the part of `unit` applied before the cap
-        self.c = torch.full((1, 1, 1, 1), pre * scale, dtype=q.dtype, device=q.device)
+        self.c = torch.full((1, 1, 1, 1), scale, dtype=q.dtype, device=q.device) * pre
         self.dc_ds = None  # d c / d s_h, for the gradient of s
         if s is not None:
             counts = allowed_counts(attn_mask, causal_offset, n_q, n_k, q.device, window_offset)
@@ -330,6 +362,15 @@ class _Blocks:
             (i, h0, min(h_kv, h0 + heads), r0, min(n_q, r0 + rows))
             for i in range(b) for h0 in range(0, h_kv, heads) for r0 in range(0, n_q, rows)
         ]
+
+    def alpha_of(self, h0, h1):
+        """The alpha of block heads `h0:h1`: the float, or `(heads, G, 1, 1)` of the tensor."""
+        if not self.head_alpha:
+            return self.alpha
+        return self.alpha[h0 * self.group:h1 * self.group].view(h1 - h0, self.group, 1, 1)
+
+    def unit_of(self, h0, h1):
+        return self.alpha_of(h0, h1) - 1 if self.head_alpha else self.unit
 
     def keys(self, r0, r1):
         """`(k0, k1)`: the block's rows see keys `k0:k1` only (the causal rule and the window)."""
@@ -352,22 +393,23 @@ class _Blocks:
 
         `qx` is the query times `c`, grouped `(B, Hkv, G, Nq, D)`."""
         k0, k1 = self.keys(r0, r1)
+        unit = self.unit_of(h0, h1)
         q_blk = qx[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, D)
         x = torch.matmul(q_blk, k[i, h0:h1, k0:k1].transpose(-1, -2)).unflatten(1, (self.group, r1 - r0))
         slope = None
         if self.softcap is not None:  # y -> unit * cap * tanh(y / cap), in place
             t = x.div_(self.softcap).tanh_()
             if cap_slope:
-                slope = (1 - t * t).mul_(self.unit)
-            x = t.mul_(self.unit * self.softcap)
+                slope = (1 - t * t).mul_(unit)
+            x = t.mul_(unit * self.softcap)
         if self.alibi is not None:  # flash-attn's -slope_h |j - i - offset|, added to z
             slopes = self.cut(self.alibi[:, :, None, None], i, h0, h1, r0, r1)  # (heads or 1, G or 1, 1, 1)
-            x.add_(alibi_bias(slopes.flatten(0, 1), self.alibi_offset, r0, r1, k0, k1, x.dtype).view(
-                slopes.shape[0], slopes.shape[1], r1 - r0, k1 - k0), alpha=self.unit)
+            _add_scaled(x, alibi_bias(slopes.flatten(0, 1), self.alibi_offset, r0, r1, k0, k1, x.dtype).view(
+                slopes.shape[0], slopes.shape[1], r1 - r0, k1 - k0), unit)
         mask = None if self.mask4 is None else self.cut(_keys_of(self.mask4, k0, k1), i, h0, h1, r0, r1)
         if mask is not None and mask.dtype != torch.bool:  # a float mask is added to z
             allows = float_mask_allows(mask)
-            x.add_(mask.to(x.dtype).masked_fill(~allows, 0.0), alpha=self.unit)
+            _add_scaled(x, mask.to(x.dtype).masked_fill(~allows, 0.0), unit)
             mask = allows
         band = _band_block(self.causal_offset, self.window_offset, r0, r1, k0, k1, x.device)
         if band is not None:
@@ -377,34 +419,34 @@ class _Blocks:
             x.masked_fill_(~mask, float("-inf"))
             no_key = ~mask.any(-1, keepdim=True)
         if self.sink is not None:  # its column comes last; every row has it
-            sink = self.cut(self.sink, i, h0, h1, r0, r1) * self.unit  # (heads, G, 1, 1)
+            sink = self.cut(self.sink, i, h0, h1, r0, r1) * unit  # (heads, G, 1, 1)
             # a row with no key stays empty: a sink of -inf would leave it nothing to normalize
             x = torch.cat((x, sink.expand(*x.shape[:-1], 1)), dim=-1)
         return x, no_key, slope
 
-    def threshold(self, x, empty):
-        """Each row's `tau` (rows whose max is 0): entmax's (`entmax_threshold`), or softmax's
-        log-sum-exp, so that the weights are `[x - max - tau]_+ ** (1 / unit)` or `exp(x - max -
-        tau)` alike."""
-        if self.alpha == SOFTMAX_ALPHA:
+    def threshold(self, x, empty, alpha):
+        """Each row's `tau` (rows whose max is 0) at the block's `alpha`: entmax's
+        (`entmax_threshold`), or softmax's log-sum-exp, so that the weights are `[x - max -
+        tau]_+ ** (1 / unit)` or `exp(x - max - tau)` alike."""
+        if _is(alpha, SOFTMAX_ALPHA):
             return torch.logsumexp(x, dim=-1, keepdim=True)
-        return entmax_threshold(x, self.alpha, empty, torch.empty_like(x))[0]
+        return entmax_threshold(x, alpha, empty, torch.empty_like(x))[0]
 
-    def probs(self, x, row_max, tau, keep_base=False):
+    def probs(self, x, row_max, tau, alpha, keep_base=False):
         """`(p, d)`: `d = [x - max - tau]_+`, computed in place in x, and the weights
-        `p = d ** (1 / (alpha - 1))`, normalised; p overwrites d unless `keep_base` (for
-        sparsemax p is d itself)."""
+        `p = d ** (1 / (alpha - 1))` at the block's `alpha`, normalised; p overwrites d unless
+        `keep_base` (for sparsemax p is d itself)."""
         # max first: `row_max + tau` would round tau away when the logits are large
-        if self.alpha == SOFTMAX_ALPHA:
+        if _is(alpha, SOFTMAX_ALPHA):
             p = x.sub_(row_max).sub_(tau).exp_()
             return p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)), p
         d = x.sub_(row_max).sub_(tau).clamp_(min=0)
-        if self.alpha == 2.0:
+        if _is(alpha, 2.0):
             p = d
-        elif self.alpha == 1.5:
+        elif _is(alpha, 1.5):
             p = d.square() if keep_base else d.square_()
         else:
-            p = d.pow(1.0 / (self.alpha - 1)) if keep_base else d.pow_(1.0 / (self.alpha - 1))
+            p = d.pow(1.0 / (alpha - 1)) if keep_base else d.pow_(1.0 / (alpha - 1))
         # rounding leaves the sum a few ulps off 1; empty rows stay 0
         return p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)), d
 
@@ -415,11 +457,13 @@ class _Blocks:
         return keep.div_(1 - self.dropout_p)
 
 
-def _sparse_forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha, dropout_p,
-                    softcap=None, alibi_offset=None):
+def _sparse_forward(q, k, v, s, alphas, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha,
+                    dropout_p, softcap=None, alibi_offset=None):
     """Blockwise sparsemax / alpha-entmax: `(out, row_max, tau, seed)`, the row statistics
-    `(B, Hkv, G, Nq, 1)` in the compute dtype (entmax units), the dropout seed a 0-d int64."""
+    `(B, Hkv, G, Nq, 1)` in the compute dtype (entmax units), the dropout seed a 0-d int64.
+    `alphas`: None (the float `alpha` for every head) or `(Hq,)`, one per head."""
     dtype = _compute_dtype(q)
+    alpha = alpha if alphas is None else alphas.to(dtype)
     b, h_kv, n_k, _ = k.shape
     seed = int(torch.randint(1 << 62, ())) if dropout_p > 0 else 0
     qc, kc, vc = (t.to(dtype) for t in (q, k, v))
@@ -443,10 +487,11 @@ def _sparse_forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_of
         m.masked_fill_(empty if no_key is None else empty & ~no_key, float("nan"))
         empty = torch.zeros_like(empty) if no_key is None else empty & no_key
         m.masked_fill_(empty, 0.0)
-        t = blocks.threshold(x - m, empty)
+        block_alpha = blocks.alpha_of(h0, h1)
+        t = blocks.threshold(x - m, empty, block_alpha)
         t.masked_fill_(empty, float("inf"))  # no key: every weight is 0
         row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1] = m, t
-        p, _ = blocks.probs(x, m, t)
+        p, _ = blocks.probs(x, m, t, block_alpha)
         if dropout_p > 0:
             p.mul_(blocks.dropout_keep(p, index))
         out_blk = torch.matmul(p[..., :k1 - k0].flatten(1, 2), vc[i, h0:h1, k0:k1])  # the sink has no value
@@ -454,12 +499,14 @@ def _sparse_forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_of
     return out.flatten(1, 2).to(q.dtype), row_max, tau, torch.tensor(seed, device=q.device)
 
 
-def _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed, causal_offset, window_offset,
-                     scale, alpha, dropout_p, softcap, alibi_offset, mask_grad):
+def _sparse_backward(do, q, k, v, s, alphas, attn_mask, sink, alibi, row_max, tau, seed, causal_offset,
+                     window_offset, scale, alpha, dropout_p, softcap, alibi_offset, mask_grad):
     """Gradients of `_sparse_forward`, each block's weights recomputed from the saved `row_max`
-    and `tau`: `(dq, dk, dv, ds, dmask, dsink)`; `ds`, `dmask` and `dsink` are empty when there is
-    no length scale, mask gradient or sink to give (an op returns tensors, not None)."""
+    and `tau`: `(dq, dk, dv, ds, dalpha, dmask, dsink)`; `ds`, `dalpha`, `dmask` and `dsink` are
+    empty when there is no length scale, tensor alpha, mask gradient or sink to give (an op
+    returns tensors, not None)."""
     dtype, h_kv = row_max.dtype, k.shape[1]
+    alpha = alpha if alphas is None else alphas.to(dtype)
     blocks = _Blocks(q.to(dtype), s, attn_mask, alibi, causal_offset, window_offset, scale, alpha, h_kv,
                      k.shape[2], dropout_p, int(seed), softcap, alibi_offset, sink)
     g = blocks.group
@@ -475,13 +522,16 @@ def _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed,
     # the dims it broadcasts along
     dmask4 = torch.zeros(blocks.mask4.shape, dtype=dtype, device=q.device) if mask_grad else None
     dsink = None if sink is None else torch.zeros(q.shape[0], q.shape[1], dtype=dtype, device=q.device)
+    dalpha = None if alphas is None else torch.zeros(h_kv, g, dtype=dtype, device=q.device)
     for index, (i, h0, h1, r0, r1) in enumerate(blocks.bounds):
         k0, k1 = blocks.keys(r0, r1)
         if k0 == k1:
             dqx[i, h0:h1, :, r0:r1] = 0
             continue
+        block_alpha, unit = blocks.alpha_of(h0, h1), blocks.unit_of(h0, h1)
         x, _, cap_slope = blocks.logits(qx, kc, i, h0, h1, r0, r1, cap_slope=True)
-        p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], keep_base=True)
+        p, d = blocks.probs(x, row_max[i, h0:h1, :, r0:r1], tau[i, h0:h1, :, r0:r1], block_alpha,
+                            keep_base=True)
         do_blk = do[i, h0:h1, :, r0:r1].flatten(1, 2)  # (heads, G*rows, Dv)
         dp = torch.matmul(do_blk, vc[i, h0:h1, k0:k1].transpose(-1, -2)).unflatten(1, (g, r1 - r0))
         if sink is not None:  # the sink's column: no value, so dP = 0 there
@@ -495,22 +545,24 @@ def _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed,
         # dp/dx = u / (alpha - 1), u = p ** (2 - alpha) on the support: the indicator for
         # sparsemax, d for alpha = 1.5, and p / d in general (a division, not a second pow);
         # softmax's is p itself
-        if alpha == SOFTMAX_ALPHA:
+        if _is(alpha, SOFTMAX_ALPHA):
             u = p
-        elif alpha == 2.0:
+        elif _is(alpha, 2.0):
             u = d.sign_()
-        elif alpha == 1.5:
+        elif _is(alpha, 1.5):
             u = d
         else:
             u = torch.where(d > 0, p / d, 0.0)
+        if dalpha is not None:  # before dp turns into dx below
+            dalpha[h0:h1] += entmax_alpha_grad(p, u, dp, block_alpha).sum((-1, -2))
         delta = torch.linalg.vecdot(u, dp).unsqueeze(-1) / u.sum(-1, keepdim=True).clamp_(min=1e-30)
-        dx = dp.sub_(delta).mul_(u).div_(blocks.unit)  # (heads, G, rows, keys)
+        dx = dp.sub_(delta).mul_(u).div_(unit)  # (heads, G, rows, keys)
         if sink is not None:  # z_sink = sink_h, x = unit z
-            dsink[i, h0 * g:h1 * g] += dx[..., -1].sum(-1).flatten() * blocks.unit
+            dsink[i, h0 * g:h1 * g] += (dx[..., -1:] * unit).sum((-1, -2)).flatten()
             dx = dx[..., :-1]
         if dmask4 is not None:
             target = blocks.cut(_keys_of(dmask4, k0, k1), i, h0, h1, r0, r1)  # a view into dmask4
-            target.add_(dx.sum_to_size(target.shape), alpha=blocks.unit)
+            target.add_((dx * unit).sum_to_size(target.shape))
         if cap_slope is not None:  # through the cap: the gradient of y = c q.k
             dx.mul_(cap_slope)
         dx = dx.flatten(1, 2)  # (heads, G*rows, keys)
@@ -524,7 +576,8 @@ def _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed,
         ds = per_row.sum(dim=(0, 2, 3)).to(s.dtype)
     dmask = q.new_empty(0) if dmask4 is None else dmask4.reshape(attn_mask.shape).to(attn_mask.dtype)
     dsink = q.new_empty(0, dtype=dtype) if dsink is None else dsink.sum(0).to(sink.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, dmask, dsink
+    dalpha = q.new_empty(0, dtype=dtype) if dalpha is None else dalpha.flatten().to(alphas.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, dalpha, dmask, dsink
 
 
 # The two halves as custom ops: opaque to torch.compile (the threshold search's early exit reads
@@ -534,12 +587,12 @@ def _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed,
 
 @torch.library.custom_op("longattn::blockwise_entmax_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, sink: torch.Tensor | None, alibi: torch.Tensor | None,
-            causal_offset: int | None, window_offset: int | None, scale: float, alpha: float,
-            dropout_p: float, softcap: float | None,
+            alphas: torch.Tensor | None, attn_mask: torch.Tensor | None, sink: torch.Tensor | None,
+            alibi: torch.Tensor | None, causal_offset: int | None, window_offset: int | None, scale: float,
+            alpha: float, dropout_p: float, softcap: float | None,
             alibi_offset: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha,
-                           dropout_p, softcap, alibi_offset)
+    return _sparse_forward(q, k, v, s, alphas, attn_mask, sink, alibi, causal_offset, window_offset, scale,
+                           alpha, dropout_p, softcap, alibi_offset)
 
 
 @_fwd_op.register_fake
@@ -553,23 +606,24 @@ def _(q, k, v, *args):
 
 @torch.library.custom_op("longattn::blockwise_entmax_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
-            attn_mask: torch.Tensor | None, sink: torch.Tensor | None, alibi: torch.Tensor | None,
-            row_max: torch.Tensor,
+            alphas: torch.Tensor | None, attn_mask: torch.Tensor | None, sink: torch.Tensor | None,
+            alibi: torch.Tensor | None, row_max: torch.Tensor,
             tau: torch.Tensor, seed: torch.Tensor, causal_offset: int | None, window_offset: int | None,
             scale: float, alpha: float, dropout_p: float, softcap: float | None, alibi_offset: int | None,
             mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                      torch.Tensor]:
-    return _sparse_backward(do, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed, causal_offset,
+                                      torch.Tensor, torch.Tensor]:
+    return _sparse_backward(do, q, k, v, s, alphas, attn_mask, sink, alibi, row_max, tau, seed, causal_offset,
                             window_offset, scale, alpha, dropout_p, softcap, alibi_offset, mask_grad)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, s, attn_mask, sink, alibi, row_max, *args):
+def _(do, q, k, v, s, alphas, attn_mask, sink, alibi, row_max, *args):
     mask_grad = args[-1]
     ds = q.new_empty(0, dtype=row_max.dtype) if s is None else s.new_empty(s.shape)
+    dalpha = q.new_empty(0, dtype=row_max.dtype) if alphas is None else alphas.new_empty(alphas.shape)
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
     dsink = q.new_empty(0, dtype=row_max.dtype) if sink is None else sink.new_empty(sink.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dmask, dsink
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dalpha, dmask, dsink
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -579,7 +633,8 @@ _bwd_op.register_vmap(vmap_by_loop(_bwd_op))
 class SparseAttention(torch.autograd.Function):
     """Blockwise sparsemax / alpha-entmax attention (softmax at `alpha = SOFTMAX_ALPHA`) with a
     saved per-row threshold, in the form torch.func takes (`setup_context`; vmap through the ops'
-    rules). Shapes as `reference.attention`; `s` is None or `(Hq,)` in the compute dtype, `alibi`
+    rules). Shapes as `reference.attention`; `s` and `alphas` are None or `(Hq,)` in the compute
+    dtype (with `alphas`, the float `alpha` is not read), `alibi`
     None or the call's `(1 or B, Hq)` slopes (no gradient). Returns `(out, row_max, tau, seed)`,
     of which only `out` is differentiable. The backward is not itself differentiable: a second
     derivative raises."""
@@ -587,30 +642,32 @@ class SparseAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, s, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha, dropout_p,
-                softcap, alibi_offset):
-        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, attn_mask, sink, alibi, causal_offset,
-                                                       window_offset, scale, alpha, dropout_p, softcap,
-                                                       alibi_offset)
+    def forward(q, k, v, s, alphas, attn_mask, sink, alibi, causal_offset, window_offset, scale, alpha,
+                dropout_p, softcap, alibi_offset):
+        return torch.ops.longattn.blockwise_entmax_fwd(q, k, v, s, alphas, attn_mask, sink, alibi,
+                                                       causal_offset, window_offset, scale, alpha, dropout_p,
+                                                       softcap, alibi_offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, s, attn_mask, sink, alibi, *settings = inputs
+        q, k, v, s, alphas, attn_mask, sink, alibi, *settings = inputs
         _, row_max, tau, seed = output
         ctx.mark_non_differentiable(row_max, tau, seed)
-        ctx.save_for_backward(q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed)
+        ctx.save_for_backward(q, k, v, s, alphas, attn_mask, sink, alibi, row_max, tau, seed)
         ctx.args = tuple(settings)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed = ctx.saved_tensors
-        mask_grad = attn_mask is not None and ctx.needs_input_grad[4]
+        q, k, v, s, alphas, attn_mask, sink, alibi, row_max, tau, seed = ctx.saved_tensors
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[5]
         with torch.no_grad():
             grads = torch.ops.longattn.blockwise_entmax_bwd(
-                grad_out, q, k, v, s, attn_mask, sink, alibi, row_max, tau, seed, *ctx.args, mask_grad
+                grad_out, q, k, v, s, alphas, attn_mask, sink, alibi, row_max, tau, seed, *ctx.args, mask_grad
             )
-        dq, dk, dv, ds, dmask, dsink = first_order_only("longattn::blockwise_entmax_bwd", grads,
-                                                        (grad_out, q, k, v, s, attn_mask, sink))
+        dq, dk, dv, ds, dalpha, dmask, dsink = first_order_only(
+            "longattn::blockwise_entmax_bwd", grads, (grad_out, q, k, v, s, alphas, attn_mask, sink))
         ds = ds if s is not None else None
+        dalpha = dalpha if alphas is not None else None
         dsink = dsink if sink is not None else None
-        return dq, dk, dv, ds, dmask if mask_grad else None, dsink, None, *(None,) * len(ctx.args)
+        return (dq, dk, dv, ds, dalpha, dmask if mask_grad else None, dsink, None,
+                *(None,) * len(ctx.args))

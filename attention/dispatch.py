@@ -138,22 +138,25 @@ def _run_documents_op(call: AttentionCall, backend: Backend) -> torch.Tensor:
 
 def _op_args(call: AttentionCall, backend: Backend) -> tuple:
     """A packed call as the ops' arguments, `(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale,
-    sink, alibi_slopes, *settings)`: a tensor length scale beside the tensors (it may require
-    grad, as the sink may), a float one among the settings, and every other field of the call."""
-    d, s = call.docs, call.length_scale
+    alpha, sink, alibi_slopes, *settings)`: a tensor length scale and a tensor alpha beside the
+    tensors (they may require grad, as the sink may), a float one among the settings, and every
+    other field of the call."""
+    d, s, a = call.docs, call.length_scale, call.alpha
     tensor_s = s if torch.is_tensor(s) else None
-    return (call.query, call.key, call.value, d.cu_seqlens_q, d.cu_seqlens_k, tensor_s, call.sink,
-            call.alibi_slopes, None if tensor_s is not None else s, backend.name, call.normalizer.name,
-            call.alpha, call.scale, call.causal_offset, call.window_offset, call.softcap, call.alibi_offset,
-            d.max_seqlen_q, d.max_seqlen_k, d.causal_from_end)
+    tensor_a = a if torch.is_tensor(a) else None
+    return (call.query, call.key, call.value, d.cu_seqlens_q, d.cu_seqlens_k, tensor_s, tensor_a,
+            call.sink, call.alibi_slopes, None if tensor_s is not None else s, backend.name,
+            call.normalizer.name, 0.0 if tensor_a is not None else a, call.scale, call.causal_offset,
+            call.window_offset, call.softcap, call.alibi_offset, d.max_seqlen_q, d.max_seqlen_k,
+            d.causal_from_end)
 
 
-def _op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes, length_scale_value,
-             backend,
-             normalizer, alpha, scale, causal_offset, window_offset, softcap, alibi_offset, max_seqlen_q,
-             max_seqlen_k, causal_from_end) -> tuple[AttentionCall, Backend]:
+def _op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, alphas, sink, alibi_slopes,
+             length_scale_value, backend, normalizer, alpha, scale, causal_offset, window_offset, softcap,
+             alibi_offset, max_seqlen_q, max_seqlen_k, causal_from_end) -> tuple[AttentionCall, Backend]:
     """The call and the backend of `_op_args`, rebuilt inside the ops."""
     docs = PackedDocs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, causal_from_end)
+    alpha = alpha if alphas is None else alphas
     call = AttentionCall(q, k, v, name=normalizer, normalizer=normalizers.get(normalizer), alpha=alpha,
                          length_scale=length_scale_value if length_scale is None else length_scale,
                          scale=scale, causal_offset=causal_offset, docs=docs, window_offset=window_offset,
@@ -164,15 +167,15 @@ def _op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slop
 @torch.library.custom_op("longattn::packed_documents_fwd", mutates_args=())
 def _documents_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    length_scale: torch.Tensor | None, sink: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-    length_scale_value: float | None, backend: str, normalizer: str, alpha: float, scale: float,
-    causal_offset: int | None, window_offset: int | None, softcap: float | None, alibi_offset: int | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal_from_end: bool,
+    length_scale: torch.Tensor | None, alphas: torch.Tensor | None, sink: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, length_scale_value: float | None, backend: str, normalizer: str,
+    alpha: float, scale: float, causal_offset: int | None, window_offset: int | None, softcap: float | None,
+    alibi_offset: int | None, max_seqlen_q: int, max_seqlen_k: int, causal_from_end: bool,
 ) -> torch.Tensor:
-    return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes,
-                                    length_scale_value, backend, normalizer, alpha, scale, causal_offset,
-                                    window_offset, softcap, alibi_offset, max_seqlen_q, max_seqlen_k,
-                                    causal_from_end))
+    return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, alphas, sink,
+                                    alibi_slopes, length_scale_value, backend, normalizer, alpha, scale,
+                                    causal_offset, window_offset, softcap, alibi_offset, max_seqlen_q,
+                                    max_seqlen_k, causal_from_end))
 
 
 @_documents_fwd.register_fake
@@ -183,51 +186,55 @@ def _(q, k, v, *args):
 @torch.library.custom_op("longattn::packed_documents_bwd", mutates_args=())
 def _documents_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, length_scale: torch.Tensor | None, sink: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None, length_scale_value: float | None, backend: str, normalizer: str,
-    alpha: float, scale: float, causal_offset: int | None, window_offset: int | None, softcap: float | None,
-    alibi_offset: int | None, max_seqlen_q: int, max_seqlen_k: int, causal_from_end: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dq`, `dk`, `dv` and the length scale's and the sink's gradients (empty without them)."""
+    cu_seqlens_k: torch.Tensor, length_scale: torch.Tensor | None, alphas: torch.Tensor | None,
+    sink: torch.Tensor | None, alibi_slopes: torch.Tensor | None, length_scale_value: float | None,
+    backend: str, normalizer: str, alpha: float, scale: float, causal_offset: int | None,
+    window_offset: int | None, softcap: float | None, alibi_offset: int | None, max_seqlen_q: int,
+    max_seqlen_k: int, causal_from_end: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dq`, `dk`, `dv` and the length scale's, alpha's and the sink's gradients (empty without
+    them)."""
     settings = (length_scale_value, backend, normalizer, alpha, scale, causal_offset, window_offset, softcap,
                 alibi_offset, max_seqlen_q, max_seqlen_k, causal_from_end)
-    differentiable = [t for t in (length_scale, sink) if t is not None]
+    optional = (length_scale, alphas, sink)
+    differentiable = [t for t in optional if t is not None]
 
     def forward(q, k, v, *extra):
         extra = iter(extra)
-        s = next(extra) if length_scale is not None else None
-        sk = next(extra) if sink is not None else None
-        return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, s, sk, alibi_slopes, *settings))
+        s, a, sk = (next(extra) if t is not None else None for t in optional)
+        return _run_documents(*_op_call(q, k, v, cu_seqlens_q, cu_seqlens_k, s, a, sk, alibi_slopes,
+                                        *settings))
 
     _, vjp = torch.func.vjp(forward, q, k, v, *differentiable)
     dq, dk, dv, *rest = vjp(grad_out)
-    ds = rest.pop(0) if length_scale is not None else q.new_empty(0)
-    dsink = rest.pop(0) if sink is not None else q.new_empty(0)
-    return dq, dk, dv, ds, dsink
+    ds, dalpha, dsink = (rest.pop(0) if t is not None else q.new_empty(0) for t in optional)
+    return dq, dk, dv, ds, dalpha, dsink
 
 
 @_documents_bwd.register_fake
-def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, *args):
-    ds = q.new_empty(0) if length_scale is None else length_scale.new_empty(length_scale.shape)
-    dsink = q.new_empty(0) if sink is None else sink.new_empty(sink.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsink
+def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, alphas, sink, *args):
+    optional = (length_scale, alphas, sink)
+    ds, dalpha, dsink = (q.new_empty(0) if t is None else t.new_empty(t.shape) for t in optional)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dalpha, dsink
 
 
 def _documents_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes, *settings = inputs
-    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, alphas, sink, alibi_slopes, *settings = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, alphas, sink, alibi_slopes)
     ctx.settings = settings
 
 
 def _documents_backward(ctx, grad_out):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, sink, alibi_slopes = ctx.saved_tensors
+    q, k, v, cu_seqlens_q, cu_seqlens_k, length_scale, alphas, sink, alibi_slopes = ctx.saved_tensors
     with torch.no_grad():
         grads = torch.ops.longattn.packed_documents_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                        length_scale, sink, alibi_slopes, *ctx.settings)
-    dq, dk, dv, ds, dsink = first_order_only("longattn::packed_documents_bwd", grads,
-                                             (grad_out, q, k, v, length_scale, sink))
-    return (dq, dk, dv, None, None, ds if ctx.needs_input_grad[5] else None,
-            dsink if ctx.needs_input_grad[6] else None, None, *(None,) * len(ctx.settings))
+                                                        length_scale, alphas, sink, alibi_slopes,
+                                                        *ctx.settings)
+    dq, dk, dv, ds, dalpha, dsink = first_order_only("longattn::packed_documents_bwd", grads,
+                                                     (grad_out, q, k, v, length_scale, alphas, sink))
+    needed = ctx.needs_input_grad
+    return (dq, dk, dv, None, None, ds if needed[5] else None, dalpha if needed[6] else None,
+            dsink if needed[7] else None, None, *(None,) * len(ctx.settings))
 
 
 _documents_fwd.register_autograd(_documents_backward, setup_context=_documents_setup)

@@ -168,7 +168,8 @@ def scaled_dot_product_attention(
     causal_offset = checks.check_causal(is_causal, causal_offset)
     call = checks.make_call(
         _batched(query), _batched(key), _batched(value),
-        normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
+        normalizer=checks.check_normalizer(normalizer),
+        alpha=checks.check_alpha(alpha, query.shape[-3], query.device),
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, attn_mask=attn_mask,
         dropout_p=checks.check_dropout(dropout_p),
@@ -209,7 +210,8 @@ def attention_weights(
     causal_offset = checks.check_causal(is_causal, causal_offset)
     call = checks.make_call(
         _batched(query), _batched(key), _batched(key), normalizer=checks.check_normalizer(normalizer),
-        alpha=checks.check_alpha(alpha), scale=checks.check_scale(scale), causal_offset=causal_offset,
+        alpha=checks.check_alpha(alpha, query.shape[-3], query.device), scale=checks.check_scale(scale),
+        causal_offset=causal_offset,
         length_scale=checks.check_length_scale(length_scale, query.shape[-3], query.device),
         attn_mask=attn_mask, window=checks.check_window(window_size), softcap=checks.check_softcap(softcap),
         alibi_slopes=_check_alibi(alibi_slopes, query),

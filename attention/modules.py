@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 from torch import nn
 
+from ..kernels.common import MIN_ALPHA  # host side only: compiles no kernel
 from . import checks, normalizers
 from .functional import scaled_dot_product_attention
+
+LEARNABLE = "learnable"
+
+
+def alpha_logit(alpha) -> float:
+    """The `alpha_logit` at which a learnable alpha, `MIN_ALPHA + (2 - MIN_ALPHA) *
+    sigmoid(alpha_logit)`, equals `alpha` (strictly inside `(MIN_ALPHA, 2)`)."""
+    if not checks.is_real_number(alpha) or not MIN_ALPHA < alpha < 2.0:
+        raise ValueError(f"initial_alpha must be a float in ({MIN_ALPHA}, 2), where a learnable alpha "
+                         f"lives; got {alpha!r}")
+    fraction = (float(alpha) - MIN_ALPHA) / (2.0 - MIN_ALPHA)
+    return math.log(fraction / (1.0 - fraction))
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -19,35 +34,56 @@ class ScaledDotProductAttention(nn.Module):
     scaling: a ``Parameter`` of shape ``(num_heads,)`` initialised to ``length_scale`` (1.0 for
     SSMax by default), or a fixed float with ``learn_length_scale=False``.
 
+    With ``alpha="learnable"`` (entmax), each head learns its own alpha, as in Correia et al.'s
+    adaptively sparse Transformers: the ``Parameter`` ``alpha_logit`` of shape ``(num_heads,)``
+    gives ``alpha = 1.01 + 0.99 * sigmoid(alpha_logit)`` (the property ``alpha``), inside the
+    accepted ``[1.01, 2]`` however training moves it; it starts at ``initial_alpha``. Equivalent
+    to::
+
+        alpha = MIN_ALPHA + (2 - MIN_ALPHA) * torch.sigmoid(self.alpha_logit)   # (num_heads,)
+        out = longattn.scaled_dot_product_attention(q, k, v, normalizer="entmax", alpha=alpha)
+
     Args:
         normalizer: ``"softmax"``, ``"ssmax"``, ``"sparsemax"``, ``"entmax"`` or another registered
             name (``longattn.attention.normalizers``).
-        num_heads: query heads; needed for a learnable ``s``.
-        alpha: the entmax parameter, in ``[1.01, 2]``.
+        num_heads: query heads; needed for a learnable ``s`` or alpha.
+        alpha: the entmax parameter, in ``[1.01, 2]``, or ``"learnable"``.
         length_scale: initial ``s``; ``None`` means no length scaling (1.0 for ``"ssmax"``).
         learn_length_scale: make ``s`` a per-head ``Parameter``.
         backend: passed to :func:`longattn.scaled_dot_product_attention`.
+        initial_alpha: where a learnable alpha starts, in ``(1.01, 2)``.
     """
 
     def __init__(
         self,
         normalizer: str = "softmax",
         num_heads: int | None = None,
-        alpha: float = 1.5,
+        alpha: float | str = 1.5,
         length_scale: float | None = None,
         learn_length_scale: bool = True,
         backend: str = "auto",
+        initial_alpha: float = 1.5,
     ):
         super().__init__()
         self.normalizer = checks.check_normalizer(normalizer)
-        self.alpha = checks.check_alpha(alpha)
         self.backend = checks.check_backend(backend)
         checks.check_flag("learn_length_scale", learn_length_scale)
         if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1):
             raise ValueError(f"num_heads must be a positive int or None; got {num_heads!r}")
         self.num_heads = num_heads
-
         record = normalizers.get(self.normalizer)
+        learnable = isinstance(alpha, str) and alpha == LEARNABLE
+        if isinstance(alpha, str) and not learnable:
+            raise ValueError(f"alpha must be a float in [{MIN_ALPHA}, 2] or 'learnable'; got {alpha!r}")
+        self.fixed_alpha = None if learnable else checks.check_alpha(alpha)
+        if learnable:
+            if not record.takes_alpha:
+                raise ValueError(f"alpha='learnable' is for normalizer='entmax'; {self.normalizer!r} reads "
+                                 "no alpha")
+            if num_heads is None:
+                raise ValueError("num_heads is needed for a learnable per-head alpha")
+            self.alpha_logit = nn.Parameter(torch.full((num_heads,), alpha_logit(initial_alpha)))
+
         scaled = record.length_scaled or length_scale is not None
         if length_scale is not None and not checks.is_real_number(length_scale):
             raise TypeError(
@@ -61,6 +97,13 @@ class ScaledDotProductAttention(nn.Module):
             self.length_scale = nn.Parameter(torch.full((num_heads,), init))
         else:
             self.length_scale = init if scaled else None
+
+    @property
+    def alpha(self) -> float | torch.Tensor:
+        """The fixed float, or the learnable one: `(num_heads,)`, differentiable."""
+        if self.fixed_alpha is not None:
+            return self.fixed_alpha
+        return MIN_ALPHA + (2.0 - MIN_ALPHA) * torch.sigmoid(self.alpha_logit)
 
     def forward(
         self,
@@ -111,7 +154,7 @@ class ScaledDotProductAttention(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"normalizer={self.normalizer!r}"]
         if normalizers.get(self.normalizer).takes_alpha:
-            parts.append(f"alpha={self.alpha}")
+            parts.append(f"alpha={self.fixed_alpha}" if self.fixed_alpha is not None else "alpha='learnable'")
         if self.num_heads is not None:
             parts.append(f"num_heads={self.num_heads}")
         if isinstance(self.length_scale, float):
@@ -132,8 +175,8 @@ class MultiheadAttention(nn.Module):
         embed_dim: model width; a multiple of ``num_heads``.
         num_heads: query heads.
         num_kv_heads: key/value heads, dividing ``num_heads``; default ``num_heads``.
-        normalizer, alpha, length_scale, learn_length_scale, backend: as
-            :class:`ScaledDotProductAttention`.
+        normalizer, alpha, length_scale, learn_length_scale, backend, initial_alpha: as
+            :class:`ScaledDotProductAttention` (``alpha="learnable"``: one per head).
         dropout: attention-weight dropout, applied in training mode only.
         bias: whether the projections have biases.
     """
@@ -144,7 +187,7 @@ class MultiheadAttention(nn.Module):
         num_heads: int,
         num_kv_heads: int | None = None,
         normalizer: str = "softmax",
-        alpha: float = 1.5,
+        alpha: float | str = 1.5,
         length_scale: float | None = None,
         learn_length_scale: bool = True,
         dropout: float = 0.0,
@@ -152,6 +195,7 @@ class MultiheadAttention(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        initial_alpha: float = 1.5,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -171,7 +215,7 @@ class MultiheadAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
         self.attention = ScaledDotProductAttention(
-            normalizer, num_heads, alpha, length_scale, learn_length_scale, backend
+            normalizer, num_heads, alpha, length_scale, learn_length_scale, backend, initial_alpha
         )
 
     def forward(

@@ -53,16 +53,19 @@ def weights(call: AttentionCall) -> torch.Tensor:
         logits = logits + alibi_bias(call.alibi_slopes, call.alibi_offset, 0, n_q, 0, n_k, compute_dtype)
 
     empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key: output 0, gradient 0
+    alpha = call.alpha  # a float, or one per query head: (Hq, 1, 1) against the rows
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(compute_dtype).reshape(-1, 1, 1)
     if call.sink is not None:  # one more logit per row, the head's (0 in the empty rows: any will do)
         logits = logits.masked_fill(~allowed, float("-inf"))
         sink = call.sink.to(compute_dtype).view(-1, 1, 1).expand(*logits.shape[:-1], 1).masked_fill(empty,
                                                                                                     0.0)
-        probs = call.normalizer.normalize(torch.cat((logits, sink), dim=-1), call.alpha)[..., :n_k]
+        probs = call.normalizer.normalize(torch.cat((logits, sink), dim=-1), alpha)[..., :n_k]
         return probs.masked_fill(empty, 0.0)
     logits = logits.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
     if logits.numel() == 0:
         return logits.clone()
-    return call.normalizer.normalize(logits, call.alpha).masked_fill(empty, 0.0)
+    return call.normalizer.normalize(logits, alpha).masked_fill(empty, 0.0)
 
 
 def split_mask(attn_mask, causal_offset, n_q, n_k, device, dtype, window_offset=None):
@@ -122,20 +125,23 @@ def softmax(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def entmax(logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha-entmax, exactly as `entmax.entmax_bisect(logits, alpha)`; alpha = 2 is sparsemax."""
-    return _Entmax.apply(logits, float(alpha))
+def entmax(logits: torch.Tensor, alpha) -> torch.Tensor:
+    """alpha-entmax, exactly as `entmax.entmax_bisect(logits, alpha)`; alpha = 2 is sparsemax.
+    `alpha` is a float, or a tensor that broadcasts against `logits[..., :1]` (one alpha per
+    row or head), whose gradient is exact (`_Entmax.backward`)."""
+    return _Entmax.apply(logits, alpha if isinstance(alpha, torch.Tensor) else float(alpha))
 
 
-def entmax_threshold(x: torch.Tensor, alpha: float) -> torch.Tensor:
+def entmax_threshold(x: torch.Tensor, alpha) -> torch.Tensor:
     """`tau` with `sum_j [x_j - tau]_+ ** (1 / (alpha - 1)) = 1`, for `x = (alpha - 1) * z`.
 
-    Sparsemax (alpha = 2) is solved exactly by sorting; other alpha by bisection inside the
-    bracket `[max - 1, max - n ** (1 - alpha)]`, where the sum is >= 1 at the left end and
-    <= 1 at the right end (Blondel et al. 2019). Returns shape `x.shape[:-1] + (1,)`.
+    Sparsemax (a float alpha = 2) is solved exactly by sorting; other alpha, and a tensor of
+    them, by bisection inside the bracket `[max - 1, max - n ** (1 - alpha)]`, where the sum is
+    >= 1 at the left end and <= 1 at the right end (Blondel et al. 2019). Returns shape
+    `x.shape[:-1] + (1,)`.
     """
     x_max = x.max(dim=-1, keepdim=True).values
-    if alpha == 2.0:
+    if not isinstance(alpha, torch.Tensor) and alpha == 2.0:
         x_sorted = x.sort(dim=-1, descending=True).values
         cumsum = x_sorted.cumsum(dim=-1)
         k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
@@ -152,6 +158,27 @@ def entmax_threshold(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return lo
 
 
+def entmax_alpha_grad(p: torch.Tensor, u: torch.Tensor, grad_p: torch.Tensor, alpha) -> torch.Tensor:
+    """`sum_j grad_p_j dp_j / d alpha` per row (`(..., 1)`), at fixed logits z.
+
+    From the threshold's implicit function (Peters et al. 2019; Correia et al. 2019): on the
+    support `ln p_j = ln((alpha - 1) z_j - tau) / (alpha - 1)`, and `sum_j dp_j / d alpha = 0`
+    fixes `d tau / d alpha`, which gives, with `g = u / sum u` (`u = p ** (2 - alpha)` on the
+    support) and `H = sum_j p_j ln p_j`,
+
+        dp_j / d alpha = (p_j - g_j) / (alpha - 1)^2 - (p_j ln p_j - g_j H) / (alpha - 1).
+
+    So the row's share is `(sum dp p - delta) / (alpha - 1)^2 - (sum dp p ln p - delta H) /
+    (alpha - 1)`, with `delta = sum dp g`, the term the logits' gradient subtracts too. A sink's
+    column counts as any other (its grad_p is 0)."""
+    p_log_p = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
+    entropy = p_log_p.sum(dim=-1, keepdim=True)
+    delta = (u * grad_p).sum(dim=-1, keepdim=True) / u.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    mean = (p * grad_p).sum(dim=-1, keepdim=True)
+    mean_log = (p_log_p * grad_p).sum(dim=-1, keepdim=True)
+    return (mean - delta) / (alpha - 1) ** 2 - (mean_log - delta * entropy) / (alpha - 1)
+
+
 class _Entmax(torch.autograd.Function):
     """alpha-entmax, `p = [(alpha - 1) z - tau]_+ ** (1 / (alpha - 1))`, as `entmax_bisect`; in
     the form torch.func takes (`setup_context`, and plain torch ops to vmap)."""
@@ -164,21 +191,30 @@ class _Entmax(torch.autograd.Function):
         x = x - x.max(dim=-1, keepdim=True).values  # huge logits lose nothing to the shift
         tau = entmax_threshold(x, alpha)
         p = (x - tau).clamp(min=0).pow(1 / (alpha - 1))
-        if alpha != 2.0:
+        if isinstance(alpha, torch.Tensor) or alpha != 2.0:
             p = p / p.sum(dim=-1, keepdim=True)  # bisection leaves rounding in the sum
         return p
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.alpha = inputs[1]
+        alpha = inputs[1]
+        if isinstance(alpha, torch.Tensor):
+            ctx.save_for_backward(output, alpha)
+            ctx.alpha = None
+        else:
+            ctx.save_for_backward(output)
+            ctx.alpha = alpha
 
     @staticmethod
     def backward(ctx, grad_p):
-        (p,) = ctx.saved_tensors
+        p, *tensor_alpha = ctx.saved_tensors
+        alpha = tensor_alpha[0] if tensor_alpha else ctx.alpha
         # dp_j/dz_j = p_j ** (2 - alpha) on the support, zero off it (the indicator for sparsemax);
         # the pow never sees a 0, whose infinite slope would make a second derivative NaN
         support = p > 0
-        u = torch.where(support, torch.where(support, p, 1.0).pow(2 - ctx.alpha), 0.0)
+        u = torch.where(support, torch.where(support, p, 1.0).pow(2 - alpha), 0.0)
         delta = (u * grad_p).sum(dim=-1, keepdim=True) / u.sum(dim=-1, keepdim=True)
-        return u * (grad_p - delta), None
+        grad_alpha = None
+        if tensor_alpha and ctx.needs_input_grad[1]:
+            grad_alpha = entmax_alpha_grad(p, u, grad_p, alpha).sum_to_size(alpha.shape)
+        return u * (grad_p - delta), grad_alpha

@@ -108,7 +108,8 @@ def varlen_attention(
     )
     causal_offset = checks.check_causal(is_causal, causal_offset)
     call = checks.make_call(
-        query, key, value, normalizer=checks.check_normalizer(normalizer), alpha=checks.check_alpha(alpha),
+        query, key, value, normalizer=checks.check_normalizer(normalizer),
+        alpha=checks.check_alpha(alpha, query.shape[1], query.device),
         length_scale=checks.check_length_scale(length_scale, query.shape[1], query.device),
         scale=checks.check_scale(scale), causal_offset=causal_offset, docs=docs,
         window=checks.check_window(window_size), softcap=checks.check_softcap(softcap),

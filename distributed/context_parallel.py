@@ -87,7 +87,7 @@ def context_parallel_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     normalizer: str = "softmax",
-    alpha: float = 1.5,
+    alpha: float | torch.Tensor = 1.5,
     length_scale: float | torch.Tensor | None = None,
     backend: str = "auto",
     check_shards: bool = True,
@@ -105,8 +105,8 @@ def context_parallel_attention(
     sequence. Every semantic of :func:`longattn.scaled_dot_product_attention` holds for the
     whole sequence: the causal mask and its offset count global positions, SSMax's ``n_i``
     counts every key a row may see, and sparsemax's and entmax's thresholds are exact. The
-    backward gives each rank the gradient of its own shards; a tensor ``length_scale``'s
-    gradient is this rank's share, which summed over the ranks (as data parallelism's
+    backward gives each rank the gradient of its own shards; a tensor ``length_scale``'s or
+    ``alpha``'s gradient is this rank's share, which summed over the ranks (as data parallelism's
     all-reduce sums it) is the whole sequence's.
 
     Args:
@@ -153,6 +153,7 @@ def context_parallel_attention(
         _check_ring(normalizer, backend)
     causal = checks.check_causal(is_causal, causal_offset)
     length_scale = checks.check_length_scale(length_scale, query.shape[1], query.device)
+    alpha = checks.check_alpha(alpha, query.shape[1], query.device)
     world = dist.get_world_size(group)
     if mode == "ulysses":
         _check_heads(query.shape[1], key.shape[1], world)
@@ -195,7 +196,10 @@ def _ulysses(q, k, v, group, layout, causal, length_scale, kwargs):
     v_all = _heads_to_sequence(v, kv_heads, kv_per_rank, group, layout)
     if torch.is_tensor(length_scale) and length_scale.dim() == 1:
         length_scale = length_scale[rank * per_rank:(rank + 1) * per_rank]
-    kwargs = dict(kwargs, enable_gqa=kwargs["enable_gqa"] or per_rank != kv_per_rank)
+    alpha = kwargs["alpha"]  # one per head: this rank's heads' own
+    if torch.is_tensor(alpha) and alpha.dim() == 1:
+        alpha = alpha[rank * per_rank:(rank + 1) * per_rank]
+    kwargs = dict(kwargs, alpha=alpha, enable_gqa=kwargs["enable_gqa"] or per_rank != kv_per_rank)
     out = scaled_dot_product_attention(q_all, k_all, v_all, causal_offset=causal, length_scale=length_scale,
                                        **kwargs)
     shards = torch.stack(in_shard_order(out, world, layout, dim=-2))  # (P, B, a, n, Dv), by rank

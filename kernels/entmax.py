@@ -132,11 +132,13 @@ def entmax_attention_fwd(
     seqused_k: torch.Tensor | None = None, window_offset: int | None = None, softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
     sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-    block_map: torch.Tensor | None = None, map_block: int = 128,
+    block_map: torch.Tensor | None = None, map_block: int = 128, alphas: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q` (B, Hq, Nq, D), `k` (B, Hkv, Nk, D), `v` (B, Hkv, Nk, Dv), any strides; `alpha` in
-    (1, 2] (2: sparsemax). `causal_offset`: None (no mask) or key j allowed for row i iff
-    j <= i + causal_offset. `length_scale`: None, a float or a `()` / `(Hq,)` tensor. The Newton
+    (1, 2] (2: sparsemax), or `alphas`, one per query head (`(Hq,)` fp32, read in-kernel, so a
+    changing alpha never recompiles; `alpha` is then not read). `causal_offset`: None (no mask)
+    or key j allowed for row i iff j <= i + causal_offset.
+    `length_scale`: None, a float or a `()` / `(Hq,)` tensor. The Newton
     passes stop at `MAX_NEWTON_STEPS` (read at each call, as is the testing hook `BISECT_ONLY`).
     `seqused_k`: the key lengths, as `softmax_attention_fwd`'s (the tiles past them are never
     visited and stay unflagged), and `window_offset`, a sliding window's left edge, likewise;
@@ -166,8 +168,9 @@ def entmax_attention_fwd(
         return out, row_max, tau, tile_flags
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     has_window, window = window_args(window_offset, Nq, Nk, from_end)
-    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, alpha - 1.0,
-                           q.device)
+    # per-head alphas: the programs scale the cap and the slopes by their own head's
+    unit = alpha - 1.0 if alphas is None else 1.0
+    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, unit, q.device)
     alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
     sink = sink_vector(sink, Hq, q.device)
     masking = mask_args(attn_mask, block_map, map_block, B, Hq, Nq, Nk, q.device, varlen)
@@ -195,7 +198,7 @@ def entmax_attention_fwd(
         num_warps = 8
     entmax_attention_fwd_kernel[(triton.cdiv(grid_nq, BLOCK_M), B * Hq)](
         q, k, v, out, row_max, tau, tile_flags, length_scale_vector(length_scale, Hq, q.device),
-        cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink,
+        cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink, alphas,
         *strides(q, varlen), *strides(k, varlen), *strides(v, varlen), *strides(out, varlen),
         Hq, Hq // Hkv, Nq, Nk, D, Dv, float(scale), float(alpha), offset, window, *modifier_args,
         *flags_shape[1:],
@@ -220,8 +223,9 @@ def entmax_attention_bwd(
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
     sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None, map_block: int = 128, mask_grad: bool = False,
+    alphas: torch.Tensor | None = None, alpha_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-           torch.Tensor | None]:
+           torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `entmax_attention_fwd` from the upstream `do`, the weights recomputed from
     the saved `row_max` and `tau`, the tiles without weight (`tile_flags` clear) skipped. Returns
     `dq`, `dk`, `dv` in the inputs' dtypes, `ds`, the gradient of the `(Hq,)` length scale in
@@ -229,14 +233,15 @@ def entmax_attention_bwd(
     `mask_grad` a float mask's, in its shape and dtype (None otherwise). Varlen, `seqused_k`,
     `window_offset`, `softcap`, ALiBi, `sink`, `attn_mask` and the block map as in
     `entmax_attention_fwd`, the tensors in its packed layouts (the keys outside the first two get
-    gradient 0; the slopes get none)."""
+    gradient 0; the slopes get none). `alphas` as the forward's; with `alpha_grad`, the last
+    result is their `(Hq,)` fp32 gradient (None otherwise)."""
     varlen = cu_seqlens_q is not None
     seqused_k = key_lengths(seqused_k, k, varlen)
     B, Hq, Nq, D, Hkv, Nk, Dv, grid_nq, grid_nk = shapes(q, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     is_causal, offset, from_end = causal_args(causal_offset, Nq, Nk, causal_from_end)
     has_window, window = window_args(window_offset, Nq, Nk, from_end)
-    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, alpha - 1.0,
-                           q.device)
+    unit = alpha - 1.0 if alphas is None else 1.0  # as the forward's
+    mods = logit_modifiers(softcap, alibi_slopes, alibi_offset, B, Hq, Nq, Nk, from_end, unit, q.device)
     alibi, modifier_args = mods.pop("alibi"), (mods.pop("alibi_offset"), mods.pop("softcap"))
     sink = sink_vector(sink, Hq, q.device)
     s = length_scale_vector(length_scale, Hq, q.device)
@@ -269,6 +274,8 @@ def entmax_attention_bwd(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ds_row = None if s is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     dsink_row = None if sink is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    alpha_grad = alpha_grad and alphas is not None
+    dalpha_row = torch.empty(row_max.shape, dtype=torch.float32, device=q.device) if alpha_grad else None
     if B * Hq * grid_nq > 0:  # first: it stores delta for dK/dV
         # dQ at D <= 64 in 16 bits: 4 warps spilled 8 bytes on sm_80 (uneven lengths, length
         # scaling); 8 warps take 170 registers and none
@@ -282,11 +289,10 @@ def entmax_attention_bwd(
             dq_rows = 32
         row_grid = (triton.cdiv(grid_nq, dq_rows), B * Hq)
         entmax_attention_bwd_kernel_dq[row_grid](
-            q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, s, cu_seqlens_q,
-            cu_seqlens_k,
-            seqused_k, alibi, sink, *qkv_strides, *strides(dq, varlen),
+            q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, dalpha_row, s, cu_seqlens_q,
+            cu_seqlens_k, seqused_k, alibi, sink, alphas, *qkv_strides, *strides(dq, varlen),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
-            BLOCK_M=dq_rows, BLOCK_N=BLOCK_STREAMED, HAS_SINK=sink is not None,
+            BLOCK_M=dq_rows, BLOCK_N=BLOCK_STREAMED, HAS_SINK=sink is not None, ALPHA_GRAD=alpha_grad,
             **{**common, "num_warps": dq_warps}, **dmask_args, FLAG_BLOCK_M=BLOCK_HELD,
         )
 
@@ -317,14 +323,15 @@ def entmax_attention_bwd(
     if B * Hkv * grid_nk > 0:
         entmax_attention_bwd_kernel_dkdv[(triton.cdiv(grid_nk, keys_held), B * Hkv)](
             q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k,
-            seqused_k, alibi, *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
+            seqused_k, alibi, alphas, *qkv_strides, *strides(dk, varlen), *strides(dv, varlen),
             Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, *n_blocks,
             BLOCK_M=rows_streamed, BLOCK_N=keys_held, FLAG_BLOCK_M=BLOCK_HELD, FLAG_BLOCK_N=BLOCK_STREAMED,
             **common,
         )
     ds = None if s is None else per_head_from_rows(ds_row, varlen)
     dsink = None if sink is None else per_head_from_rows(dsink_row, varlen)
-    return dq, dk, dv, ds, dsink, reduce_mask_grad(dmask, attn_mask)
+    dalpha = None if dalpha_row is None else per_head_from_rows(dalpha_row, varlen)
+    return dq, dk, dv, ds, dsink, reduce_mask_grad(dmask, attn_mask), dalpha
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,13 +347,13 @@ def _fwd_op(
     causal_from_end: bool = False, seqused_k: torch.Tensor | None = None, window_offset: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
     sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-    block_map: torch.Tensor | None = None, map_block: int = 128,
+    block_map: torch.Tensor | None = None, map_block: int = 128, alphas: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, length_scale,
                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end,
                                 seqused_k=seqused_k, window_offset=window_offset, softcap=softcap,
                                 alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, sink=sink,
-                                attn_mask=attn_mask, block_map=block_map, map_block=map_block)
+                                attn_mask=attn_mask, block_map=block_map, map_block=map_block, alphas=alphas)
 
 
 @_fwd_op.register_fake
@@ -369,21 +376,25 @@ def _bwd_op(
     alibi_slopes: torch.Tensor | None = None, alibi_offset: int | None = None,
     sink: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None, map_block: int = 128, mask_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds, dsink, dmask = entmax_attention_bwd(
+    alphas: torch.Tensor | None = None, alpha_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, ds, dsink, dmask, dalpha = entmax_attention_bwd(
         do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q,
         cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal_from_end, seqused_k=seqused_k,
         window_offset=window_offset, softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
-        sink=sink, attn_mask=attn_mask, block_map=block_map, map_block=map_block, mask_grad=mask_grad)
-    return dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink), op_optional_grad(q, dmask)
+        sink=sink, attn_mask=attn_mask, block_map=block_map, map_block=map_block, mask_grad=mask_grad,
+        alphas=alphas, alpha_grad=alpha_grad)
+    return (dq, dk, dv, op_optional_grad(q, ds), op_optional_grad(q, dsink), op_optional_grad(q, dmask),
+            op_optional_grad(q, dalpha))
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, row_max, tau, tile_flags, scale, alpha, causal_offset, length_scale, cu_seqlens_q=None,
       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, causal_from_end=False, seqused_k=None,
       window_offset=None, softcap=None, alibi_slopes=None, alibi_offset=None, sink=None, attn_mask=None,
-      block_map=None, map_block=128, mask_grad=False):
-    return fake_gradients(q, k, v, length_scale, sink, attn_mask if mask_grad else None)
+      block_map=None, map_block=128, mask_grad=False, alphas=None, alpha_grad=False):
+    dalpha = q.new_empty(q.shape[1] if alpha_grad and alphas is not None else 0, dtype=torch.float32)
+    return (*fake_gradients(q, k, v, length_scale, sink, attn_mask if mask_grad else None), dalpha)
 
 
 _fwd_op.register_vmap(vmap_by_loop(_fwd_op))
@@ -413,12 +424,13 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     def forward(q, k, v, scale, alpha, causal_offset, length_scale, seqused_k, window_offset, softcap,
                 alibi_slopes, alibi_offset, sink, attn_mask, block_map, map_block, *varlen):
         s = length_scale_vector(length_scale, q.shape[1], q.device)
-        return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, alpha, causal_offset, s, *varlen,
-                                                       seqused_k=seqused_k, window_offset=window_offset,
-                                                       softcap=softcap, alibi_slopes=alibi_slopes,
-                                                       alibi_offset=alibi_offset, sink=sink,
-                                                       attn_mask=attn_mask, block_map=block_map,
-                                                       map_block=map_block)
+        alphas = alpha_vector(alpha, q.shape[1], q.device)
+        return torch.ops.longattn.entmax_attention_fwd(q, k, v, scale, _float_alpha(alpha), causal_offset, s,
+                                                       *varlen, seqused_k=seqused_k,
+                                                       window_offset=window_offset, softcap=softcap,
+                                                       alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
+                                                       sink=sink, attn_mask=attn_mask, block_map=block_map,
+                                                       map_block=map_block, alphas=alphas)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -426,9 +438,11 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             alibi_offset, sink, attn_mask, block_map, map_block, *varlen = inputs
         _, row_max, tau, tile_flags = output
         s = length_scale_vector(length_scale, q.shape[1], q.device)  # (Hq,): cheaper to redo than return
-        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink, attn_mask,
-                              block_map, *save_varlen_args(ctx, tuple(varlen)))
-        ctx.scale, ctx.alpha = scale, alpha
+        alphas = alpha_vector(alpha, q.shape[1], q.device)
+        ctx.save_for_backward(q, k, v, row_max, tau, tile_flags, s, alphas, seqused_k, alibi_slopes, sink,
+                              attn_mask, block_map, *save_varlen_args(ctx, tuple(varlen)))
+        ctx.scale, ctx.alpha = scale, _float_alpha(alpha)
+        ctx.alpha_meta = (alpha.shape, alpha.dtype) if torch.is_tensor(alpha) else None
         ctx.causal_offset, ctx.window_offset = causal_offset, window_offset
         ctx.softcap, ctx.alibi_offset, ctx.map_block = softcap, alibi_offset, map_block
         save_length_scale_meta(ctx, length_scale)
@@ -436,28 +450,53 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _drow_max, _dtau, _dflags):
-        q, k, v, row_max, tau, tile_flags, s, seqused_k, alibi_slopes, sink, attn_mask, block_map, \
+        q, k, v, row_max, tau, tile_flags, s, alphas, seqused_k, alibi_slopes, sink, attn_mask, block_map, \
             *cu_seqlens = ctx.saved_tensors
         mask_grad = bool(ctx.needs_input_grad[13]) and attn_mask is not None and attn_mask.is_floating_point()
+        alpha_grad = ctx.alpha_meta is not None and bool(ctx.needs_input_grad[4])
         # No graph through the op: custom ops wrap themselves for autograd in a Function
         # torch.func refuses. first_order_only gives the gradients theirs.
         with torch.no_grad():
-            dq, dk, dv, ds, dsink, dmask = torch.ops.longattn.entmax_attention_bwd(
+            grads = torch.ops.longattn.entmax_attention_bwd(
                 dout, q, k, v, row_max, tau, tile_flags, ctx.scale, ctx.alpha, ctx.causal_offset, s,
                 *varlen_launch_args(ctx, cu_seqlens), seqused_k=seqused_k, window_offset=ctx.window_offset,
                 softcap=ctx.softcap, alibi_slopes=alibi_slopes, alibi_offset=ctx.alibi_offset, sink=sink,
                 attn_mask=attn_mask, block_map=block_map, map_block=ctx.map_block, mask_grad=mask_grad,
+                alphas=alphas, alpha_grad=alpha_grad,
             )
-        dq, dk, dv, ds, dsink, dmask = first_order_only(
-            "longattn::entmax_attention_bwd", (dq, dk, dv, ds, dsink, dmask),
-            (dout, q, k, v, s, sink, attn_mask))
+        dq, dk, dv, ds, dsink, dmask, dalpha = first_order_only(
+            "longattn::entmax_attention_bwd", grads, (dout, q, k, v, s, sink, attn_mask, alphas))
         d_length_scale = length_scale_grad(ctx, ds, ctx.needs_input_grad[6])
-        return (dq, dk, dv, None, None, None, d_length_scale, None, None, None, None, None,
+        d_alpha = None
+        if alpha_grad:
+            shape, dtype = ctx.alpha_meta
+            d_alpha = dalpha.sum_to_size(shape).to(dtype)  # () sums over heads
+        return (dq, dk, dv, None, d_alpha, None, d_length_scale, None, None, None, None, None,
                 sink_grad(sink, dsink, ctx.needs_input_grad[12]), dmask if mask_grad else None, None, None,
                 *varlen_no_grads(ctx, cu_seqlens))
 
 
-def _check_alpha(alpha) -> float:
+def alpha_vector(alpha, num_heads: int, device) -> torch.Tensor | None:
+    """None for a float alpha (a launch argument, its special cases compiled in), or a tensor
+    alpha as the kernels read it: a contiguous fp32 `(Hq,)` tensor, one per query head."""
+    if not torch.is_tensor(alpha):
+        return None
+    return alpha.detach().to(device, torch.float32).expand(num_heads).contiguous()
+
+
+def _float_alpha(alpha) -> float:
+    """The launch's float alpha: 0 (not read) where the kernels read per-head alphas."""
+    return 0.0 if torch.is_tensor(alpha) else float(alpha)
+
+
+def _check_alpha(alpha, num_heads: int):
+    """A float in `[MIN_ALPHA, 2]`, or a `()` / `(Hq,)` floating tensor (its values not read on
+    the host: the public functions check them)."""
+    if torch.is_tensor(alpha):
+        if not alpha.dtype.is_floating_point or alpha.shape not in ((), (num_heads,)):
+            raise ValueError(f"alpha tensor must be floating, of shape () or ({num_heads},); got "
+                             f"{alpha.dtype} {tuple(alpha.shape)}")
+        return alpha
     alpha = float(alpha)
     if not MIN_ALPHA <= alpha <= 2.0:
         raise ValueError(f"alpha must be in [{MIN_ALPHA}, 2] (closer to 1, float32 cannot resolve the "
@@ -519,7 +558,8 @@ def entmax_attention(
     alibi_offset = causal_offset or 0  # ALiBi counts from the causal diagonal, as the window does
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     from_end = DENSE_FROM_END if causal_from_end else ()
-    return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale,
+    return EntmaxAttentionFunction.apply(q, k, v, scale, _check_alpha(alpha, q.shape[1]), causal_offset,
+                                         length_scale,
                                          seqused_k, window_offset, softcap, alibi_slopes, alibi_offset,
                                          sink, attn_mask, block_map, map_block, *from_end)[0]
 
@@ -553,7 +593,8 @@ def entmax_varlen_attention(
     alibi_offset = causal_offset or 0
     causal_offset, window_offset = window_bounds(causal_offset, check_window_size(window_size))
     return EntmaxAttentionFunction.apply(
-        q, k, v, scale, _check_alpha(alpha), causal_offset, length_scale, None, window_offset, softcap,
+        q, k, v, scale, _check_alpha(alpha, q.shape[1]), causal_offset, length_scale, None, window_offset,
+        softcap,
         alibi_slopes, alibi_offset, sink, None, None, 128,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal_from_end),
     )[0]

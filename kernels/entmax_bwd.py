@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .entmax_fwd import ENTMAX_HEURISTICS, slopes, tile_logits
+from .entmax_fwd import ENTMAX_HEURISTICS, head_alpha, slopes, tile_logits
 from .program import (
     add_mask_grad,
     alibi_slope,
@@ -42,7 +42,7 @@ def _load_row_stats(row_max, tau, offs_m, mask_m):
 @triton.jit
 def entmax_attention_bwd_kernel_dkdv(
     q, k, v, do, row_max, tau, tile_flags, delta, dk, dv, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi,
-    stride_qb, stride_qh, stride_qm, stride_qd,
+    alphas, stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -60,7 +60,7 @@ def entmax_attention_bwd_kernel_dkdv(
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
-    HAS_KEY_COUNTS: tl.constexpr,
+    HAS_KEY_COUNTS: tl.constexpr, HAS_HEAD_ALPHA: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group in this
     program: deterministic, no atomics. Works on transposed tiles, [BN, BM]. A (query, key) tile
@@ -82,7 +82,6 @@ def entmax_attention_bwd_kernel_dkdv(
     offs_n64 = offs_n.to(tl.int64)
     offs_q = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     offs_do = offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-    p = 1.0 / (alpha - 1.0)
 
     p_k = k + sequence_offset(i_b, i_hkv, bos_k, stride_kb, stride_kh, stride_kn) \
         + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -101,6 +100,10 @@ def entmax_attention_bwd_kernel_dkdv(
         do_h = do + sequence_offset(i_b, i_h, bos_q, stride_dob, stride_doh, stride_dom) \
             + start_m.to(tl.int64) * stride_dom
         row_h = head_row(i_b, i_h, Hq, stride_rows_h, bos_q, IS_VARLEN)  # row offset into the row stats
+        alpha_h, softcap_h, slope_h = head_alpha(alpha, alphas, softcap,
+                                                 alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), i_h,
+                                                 HAS_HEAD_ALPHA)
+        p = 1.0 / (alpha_h - 1.0)
         flags_h = tile_flags + (i_b * Hq + i_h).to(tl.int64) * n_qblocks * n_kblocks
         mask_h = mask
         if HAS_MASK:
@@ -120,16 +123,15 @@ def entmax_attention_bwd_kernel_dkdv(
                                         HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row_h, Nq, HAS_KEY_COUNTS)
                 # [BN, BM] = [BN, BD] @ [BD, BM]; rows past Nq have tau = +inf, so d = 0
                 x_t = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) \
-                    * (f_scale * (alpha - 1.0))[None, :]
+                    * (f_scale * (alpha_h - 1.0))[None, :]
                 if HAS_SOFTCAP or HAS_ALIBI:
                     x_raw = x_t
-                    x_t = modify_logits(x_t, offs_n[:, None] - rows[None, :] - alibi_offset,
-                                        alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), softcap, HAS_SOFTCAP,
-                                        HAS_ALIBI)
+                    x_t = modify_logits(x_t, offs_n[:, None] - rows[None, :] - alibi_offset, slope_h,
+                                        softcap_h, HAS_SOFTCAP, HAS_ALIBI)
                 if HAS_MASK:
                     in_mask, bias_t = mask_tile(mask_h, rows[None, :], offs_n[:, None], Nq, Nk, stride_mm,
                                                 stride_mn, mask_floor, MASK_IS_BOOL)
-                    x_t = x_t + bias_t * (alpha - 1.0)
+                    x_t = x_t + bias_t * (alpha_h - 1.0)
                 d_t = tl.maximum((x_t - m_i[None, :]) - t_i[None, :], 0.0)
                 if HAS_MASK:
                     d_t = tl.where(in_mask, d_t, 0.0)
@@ -152,7 +154,7 @@ def entmax_attention_bwd_kernel_dkdv(
                     # dz_ij = u_ij (dP_ij - delta_i); dk_j = sum_i dz_ij scale f_i q_i
                     ds_t = u_t * (dp_t - b_delta[None, :]) * f_scale[None, :]
                     if HAS_SOFTCAP:  # through the cap, to the uncapped logits
-                        ds_t = ds_t * softcap_slope(x_raw, softcap)
+                        ds_t = ds_t * softcap_slope(x_raw, softcap_h)
                     b_dk += tl.dot(ds_t.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BD]
             q_h += BLOCK_M * stride_qm
             do_h += BLOCK_M * stride_dom
@@ -216,12 +218,18 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
              HAS_WINDOW: tl.constexpr, head_slope, alibi_offset, softcap, HAS_SOFTCAP: tl.constexpr,
              HAS_ALIBI: tl.constexpr, alpha_1, mask, stride_mm, stride_mn, mask_floor, Nq,
              HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, dmask, stride_gm, stride_gn,
-             MASK_GRAD: tl.constexpr, MASK_GRAD_SUM_ROWS: tl.constexpr, MASK_GRAD_SUM_KEYS: tl.constexpr):
+             MASK_GRAD: tl.constexpr, MASK_GRAD_SUM_ROWS: tl.constexpr, MASK_GRAD_SUM_KEYS: tl.constexpr,
+             ALPHA_GRAD: tl.constexpr):
     """`sum_j dz_ij k_j` [BM, BD], dz_ij = u_ij (dP_ij - delta_i), and with length scaling
     `sum_j dz_ij q_i.k_j` [BM] (zeros otherwise). With MASK_GRAD, dz_ij before the cap's factor
-    is added into the float mask's gradient `dmask` (the program's base)."""
+    is added into the float mask's gradient `dmask` (the program's base). With ALPHA_GRAD, the
+    row sums alpha's gradient takes (`reference.entmax_alpha_grad`), [BM] each: `sum_j dP_ij
+    p_ij`, `sum_j dP_ij p_ij ln p_ij` and `sum_j p_ij ln p_ij` (zeros otherwise)."""
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j dz_ij q_i.k_j
+    dp_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dp_p_log_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_log_p = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(n_start, n_end, BLOCK_N):
         if tl.load(flags + start_n // BLOCK_N) != 0:
             mask_n = start_n + offs_n < Nk
@@ -246,6 +254,12 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
             u = slopes(d, p, ALPHA_IS_2, ALPHA_IS_1_5)
             b_v = load_tile(v + offs_v, mask_n, mask_dv, EVEN_N, EVEN_D)  # [BN, BDV]
             dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
+            if ALPHA_GRAD:  # p = u d, ln p = p_exp ln d on the support
+                w = u * d
+                w_log_w = tl.where(d > 0, w * (tl.log(tl.where(d > 0, d, 1.0)) * p), 0.0)
+                dp_p += tl.sum(dp * w, 1)
+                dp_p_log_p += tl.sum(dp * w_log_w, 1)
+                p_log_p += tl.sum(w_log_w, 1)
             if MASK_GRAD:  # the bias is added after the cap: its gradient is dz before the cap's factor
                 add_mask_grad(dmask, u * (dp - b_delta[:, None]), offs_m, start_n + offs_n, offs_m < Nq,
                               mask_n,
@@ -260,15 +274,14 @@ def _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, fla
                 b_ds += tl.sum(dz * qk, 1)
         k += BLOCK_N * stride_kn
         v += BLOCK_N * stride_vn
-    return b_dq, b_ds
+    return b_dq, b_ds, dp_p, dp_p_log_p, p_log_p
 
 
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_bwd_kernel_dq(
-    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, s, cu_seqlens_q, cu_seqlens_k,
-    seqused_k,
-    alibi, sink,
+    q, k, v, do, row_max, tau, tile_flags, delta, dq, ds_row, dsink_row, dalpha_row, s, cu_seqlens_q,
+    cu_seqlens_k, seqused_k, alibi, sink, alphas,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -288,12 +301,13 @@ def entmax_attention_bwd_kernel_dq(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
     HAS_KEY_COUNTS: tl.constexpr,
     MASK_GRAD: tl.constexpr, MASK_GRAD_SUM_ROWS: tl.constexpr, MASK_GRAD_SUM_KEYS: tl.constexpr,
-    FLAG_BLOCK_M: tl.constexpr,
+    FLAG_BLOCK_M: tl.constexpr, HAS_HEAD_ALPHA: tl.constexpr, ALPHA_GRAD: tl.constexpr,
 ):
     """One query block: first delta_i = dO_i . (sum_j u_ij v_j) / sum_j u_ij (stored, for the
     dK/dV kernel launched after this one), then dQ, and with length scaling each row's share of
     ds_h, `scale ln(n_i) sum_j dz_ij q_i.k_j`, summed over rows on the host (deterministic).
-    Both passes visit the flagged tiles only: the forward's blocks."""
+    With ALPHA_GRAD, each row's share of its head's alpha gradient too (`dalpha_row`), summed
+    on the host likewise. Both passes visit the flagged tiles only: the forward's blocks."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
         program_prologue(i_m, i_bh, cu_seqlens_q, cu_seqlens_k, seqused_k, Hq, GROUP, Nq, Nk, causal_offset,
@@ -323,13 +337,14 @@ def entmax_attention_bwd_kernel_dq(
     m_i, t_i = _load_row_stats(row_max + row, tau + row, offs_m, mask_m)
     f_scale, ln_scale = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
                                    HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row, Nq, HAS_KEY_COUNTS)
+    alpha, softcap, head_slope = head_alpha(alpha, alphas, softcap,
+                                            alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), i_h, HAS_HEAD_ALPHA)
     alpha_1 = alpha - 1.0
     x_scale = f_scale * alpha_1
     if HAS_MASK:
         mask += sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
     if MASK_GRAD:
         dmask += sequence_offset(i_b, i_h, 0, stride_gb, stride_gh, 0)
-    head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
     p = 1.0 / (alpha - 1.0)
     n_start = key_start(i_m, Nk, window_offset, BLOCK_M, BLOCK_N, HAS_WINDOW)
     n_end = key_end(i_m, Nq, Nk, causal_offset, BLOCK_M)
@@ -342,6 +357,7 @@ def entmax_attention_bwd_kernel_dq(
     # A sink's slope term u joins delta's denominator; its own gradient is u (0 - delta_i), the
     # sink having no value (dP = 0), summed over rows on the host.
     u_sink = tl.zeros([BLOCK_M], dtype=tl.float32)
+    d_sink = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_SINK:
         d_sink = tl.maximum((tl.load(sink + i_h) * (alpha - 1.0) - m_i) - t_i, 0.0)
         u_sink = slopes(d_sink, p, ALPHA_IS_2, ALPHA_IS_1_5)
@@ -354,13 +370,20 @@ def entmax_attention_bwd_kernel_dq(
     tl.store(delta + row + offs_m, b_delta, mask=mask_m)
     if HAS_SINK:
         tl.store(dsink_row + row + offs_m, -u_sink * b_delta, mask=mask_m)
-    b_dq, b_ds = _dq_pass(b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale,
-                          offs_m, offs_n, mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end,
-                          m_i, t_i, p, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION,
-                          HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5, HAS_WINDOW, head_slope, alibi_offset,
-                          softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm, stride_mn, mask_floor,
-                          Nq, HAS_MASK, MASK_IS_BOOL, dmask, stride_gm,
-                          stride_gn, MASK_GRAD, MASK_GRAD_SUM_ROWS, MASK_GRAD_SUM_KEYS)
+    b_dq, b_ds, dp_p, dp_p_log_p, p_log_p = _dq_pass(
+        b_q, b_do, b_delta, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale, offs_m, offs_n,
+        mask_d, mask_dv, Nk, causal_offset, window_offset, n_start, n_end, m_i, t_i, p, BLOCK_M, BLOCK_N,
+        BLOCK_D, IS_CAUSAL, EVEN_N, EVEN_D, DOT_PRECISION, HAS_LENGTH_SCALE, ALPHA_IS_2, ALPHA_IS_1_5,
+        HAS_WINDOW, head_slope, alibi_offset, softcap, HAS_SOFTCAP, HAS_ALIBI, alpha_1, mask, stride_mm,
+        stride_mn, mask_floor, Nq, HAS_MASK, MASK_IS_BOOL, dmask, stride_gm, stride_gn, MASK_GRAD,
+        MASK_GRAD_SUM_ROWS, MASK_GRAD_SUM_KEYS, ALPHA_GRAD)
+    if ALPHA_GRAD:
+        # (sum dP p - delta) / (alpha - 1)^2 - (sum dP p ln p - delta H) / (alpha - 1), H = sum p ln p
+        # over every term, the sink's (whose dP is 0) too: `reference.entmax_alpha_grad`
+        w_sink = u_sink * d_sink
+        p_log_p += tl.where(d_sink > 0, w_sink * (tl.log(tl.where(d_sink > 0, d_sink, 1.0)) * p), 0.0)
+        d_alpha = (dp_p - b_delta) / (alpha_1 * alpha_1) - (dp_p_log_p - b_delta * p_log_p) / alpha_1
+        tl.store(dalpha_row + row + offs_m, d_alpha, mask=mask_m)
 
     p_dq = dq + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     store_tile(p_dq, (b_dq * f_scale[:, None]).to(dq.dtype.element_ty), mask_m, mask_d, EVEN_M, EVEN_D)

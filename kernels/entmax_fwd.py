@@ -31,10 +31,24 @@ from .program import (
 
 ENTMAX_HEURISTICS = {
     **HEURISTICS,
-    # the cheap special cases: no pow per element
-    "ALPHA_IS_2": lambda args: args["alpha"] == 2.0,
-    "ALPHA_IS_1_5": lambda args: args["alpha"] == 1.5,
+    # one alpha per head, read from memory: a changing (learned) alpha never recompiles
+    "HAS_HEAD_ALPHA": lambda args: args["alphas"] is not None,
+    # the cheap special cases of a float alpha: no pow per element
+    "ALPHA_IS_2": lambda args: args["alphas"] is None and args["alpha"] == 2.0,
+    "ALPHA_IS_1_5": lambda args: args["alphas"] is None and args["alpha"] == 1.5,
 }
+
+
+@triton.jit
+def head_alpha(alpha, alphas, softcap, slope, i_h, HAS_HEAD_ALPHA: tl.constexpr):
+    """`(alpha, softcap, slope)` of head `i_h`: the launch's float alpha and the cap and ALiBi
+    slope it scaled to entmax units, or with per-head alphas (`alphas`, (Hq,) fp32) the head's
+    own, and the cap and slope, which the launcher left in natural units, scaled by it."""
+    if HAS_HEAD_ALPHA:
+        alpha = tl.load(alphas + i_h)
+        softcap = softcap * (alpha - 1.0)
+        slope = slope * (alpha - 1.0)
+    return alpha, softcap, slope
 
 
 @triton.jit
@@ -257,7 +271,7 @@ def _output_pass(b_q, k, offs_k, stride_kn, v, offs_v, stride_vn, flags, x_scale
 @triton.heuristics(ENTMAX_HEURISTICS)
 @triton.jit
 def entmax_attention_fwd_kernel(
-    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink,
+    q, k, v, o, row_max, tau, tile_flags, s, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi, sink, alphas,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -273,7 +287,7 @@ def entmax_attention_fwd_kernel(
     HAS_KEY_LENGTHS: tl.constexpr, CAUSAL_FROM_END: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, BISECT_ONLY: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_BLOCK_MAP: tl.constexpr, MAP_BLOCK: tl.constexpr,
-    HAS_KEY_COUNTS: tl.constexpr,
+    HAS_KEY_COUNTS: tl.constexpr, HAS_HEAD_ALPHA: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_hkv, bos_q, bos_k, Nq, Nk, causal_offset, window_offset, alibi_offset, row, done = \
@@ -301,9 +315,10 @@ def entmax_attention_fwd_kernel(
     b_q = load_tile(p_q, mask_m, mask_d, EVEN_M, EVEN_D)  # [BM, BD]
     f_scale, _ = row_scales(s, i_h, offs_m, Nk, scale, causal_offset, window_offset, BLOCK_M,
                             HAS_LENGTH_SCALE, HAS_WINDOW, key_counts, row, Nq, HAS_KEY_COUNTS)
+    alpha, softcap, head_slope = head_alpha(alpha, alphas, softcap,
+                                            alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI), i_h, HAS_HEAD_ALPHA)
     alpha_1 = alpha - 1.0
     x_scale = f_scale * alpha_1  # [BM], logits in entmax units
-    head_slope = alibi_slope(alibi, i_b, i_h, Hq, HAS_ALIBI)
     if HAS_MASK:
         mask += sequence_offset(i_b, i_h, 0, stride_mb, stride_mh, 0)
     if HAS_BLOCK_MAP:

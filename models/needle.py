@@ -35,25 +35,28 @@ DEFAULT_SETTINGS = ("softmax", "ssmax", "sparsemax", "entmax1.5", "entmax1.5+ls"
 def parse_setting(spec: str) -> dict:
     """A setting name -> the attention fields of `TransformerConfig`.
 
-    `<normalizer>[<alpha>][+ls[<s>]]`, the normalizer any registered name: "softmax", "ssmax",
-    "sparsemax", "entmax1.5", "entmax1.3+ls" (length-scaled, learnable s starting where
-    `StudyConfig.model_config` puts it), "sparsemax+ls0.5" (s starting at 0.5).
+    `<normalizer>[<alpha>|-learn][+ls[<s>]]`, the normalizer any registered name: "softmax",
+    "ssmax", "sparsemax", "entmax1.5", "entmax1.3+ls" (length-scaled, learnable s starting where
+    `StudyConfig.model_config` puts it), "sparsemax+ls0.5" (s starting at 0.5), "entmax-learn"
+    (alpha learned per head from 1.5, Correia et al. 2019), "entmax-learn+ls".
     """
     names = "|".join(sorted(map(re.escape, normalizers.names()), key=len, reverse=True))
-    m = re.match(rf"^({names})(\d*\.?\d+)?(\+ls(\d*\.?\d+)?)?$", spec) if isinstance(spec, str) else None
+    pattern = rf"^({names})(\d*\.?\d+|-learn)?(\+ls(\d*\.?\d+)?)?$"
+    m = re.match(pattern, spec) if isinstance(spec, str) else None
     if m is None:
-        raise ValueError(
-            f"setting must look like softmax, ssmax, sparsemax, entmax1.5 or entmax1.5+ls0.5; got {spec!r}"
-        )
+        raise ValueError(f"setting must look like softmax, ssmax, sparsemax, entmax1.5, entmax-learn or "
+                         f"entmax1.5+ls0.5; got {spec!r}")
     normalizer, alpha, ls, s = m.groups()
     record = normalizers.get(normalizer)
     if alpha is not None and not record.takes_alpha:
         raise ValueError(f"setting {spec!r}: {normalizer} takes no alpha")
     if ls is not None and record.length_scaled:
         raise ValueError(f"setting {spec!r}: {normalizer} is length-scaled already; write {normalizer}")
-    attention = {"normalizer": normalizer, "alpha": float(alpha) if alpha else 1.5}
+    learn = alpha == "-learn"
+    attention = {"normalizer": normalizer, "alpha": "learnable" if learn else float(alpha) if alpha else 1.5}
     try:
-        checks.check_alpha(attention["alpha"])
+        if not learn:
+            checks.check_alpha(attention["alpha"])
     except ValueError as error:
         raise ValueError(f"setting {spec!r}: {error}") from None
     if ls is not None or record.length_scaled:
@@ -260,6 +263,7 @@ def run_setting(cfg: StudyConfig, setting: str, out: Path | None, save_models: b
     finally:
         torch.set_num_threads(threads)
     scales = [b.attn.attend.length_scale for b in model.blocks]
+    alphas = [b.attn.attend.alpha for b in model.blocks]
     summary = {
         "setting": setting, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
@@ -267,6 +271,8 @@ def run_setting(cfg: StudyConfig, setting: str, out: Path | None, save_models: b
             [round(x, 3) for x in torch.as_tensor(s).flatten().tolist()] for s in scales
         ],
     }
+    if torch.is_tensor(alphas[0]):  # learned: each head's
+        summary["alpha"] = [[round(x, 3) for x in a.detach().flatten().tolist()] for a in alphas]
     return rows, summary
 
 
@@ -362,11 +368,11 @@ def write_report(result: dict, cfg: StudyConfig, out: Path, wall_s: float, comma
             lines.append(f"| {name} | " + " | ".join(f"{vals[n]:.4f}" for n in shown) + " |")
         lines.append("")
     lines += ["## Training", "",
-              "| setting | final loss | train s | eval s | learned s (per layer, per head) |",
-              "|---|---|---|---|---|"]
+              "| setting | final loss | train s | eval s | learned s (per layer, per head) | learned alpha |",
+              "|---|---|---|---|---|---|"]
     for t in result["train"]:
         lines.append(f"| {t['setting']} | {t['final_loss']:.3f} | {t['train_s']} | {t['eval_s']} | "
-                     f"{t['length_scale'] or ''} |")
+                     f"{t['length_scale'] or ''} | {t.get('alpha') or ''} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -451,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the default study (the defaults below)")
     p.add_argument("--out", default="needle_results", help="output folder (default: needle_results)")
     p.add_argument("--settings", nargs="+", default=list(d.settings),
-                   help="attention settings: softmax, ssmax, sparsemax, entmax<alpha>, any with +ls[<s>] for "
-                        "length scaling, e.g. entmax1.3+ls sparsemax+ls0.5")
+                   help="attention settings: softmax, ssmax, sparsemax, entmax<alpha>, entmax-learn (alpha "
+                        "learned per head), any with +ls[<s>] for length scaling, e.g. entmax1.3+ls "
+                        "sparsemax+ls0.5 entmax-learn+ls")
     p.add_argument("--task", default=d.task, choices=TASKS, help="task of the length x depth grid")
     p.add_argument("--train-task", default=d.train_task, choices=TASKS)
     p.add_argument("--extra-tasks", nargs="*", default=list(d.extra_tasks), choices=TASKS,

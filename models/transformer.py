@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from longattn.attention import ScaledDotProductAttention, attention_weights, checks
+from longattn.attention import ScaledDotProductAttention, attention_weights, checks, normalizers
+from longattn.attention.modules import LEARNABLE, alpha_logit
 
 POSITIONAL = ("rope", "partial_rope", "nope", "alibi")
 
@@ -36,11 +37,12 @@ class TransformerConfig:
                                  # position (RWKV's token shift), so a look-up needs no
                                  # previous-token attention head and small models learn it fast
     normalizer: str = "softmax"  # a registered name: "softmax", "ssmax", "sparsemax", "entmax", ...
-    alpha: float = 1.5           # entmax's alpha
+    alpha: float | str = 1.5     # entmax's alpha, or "learnable": one per head (initial_alpha at first)
     length_scale: float | None = None  # initial s of length scaling (None: none; 1.0 for ssmax)
     learn_length_scale: bool = True    # s is a per-head Parameter
     sliding_window: int | None = None  # each position sees itself and the w - 1 before (Mistral's)
     backend: str = "auto"        # longattn backend: "auto", "reference", "torch", "triton", "flash"
+    initial_alpha: float = 1.5   # where a learnable alpha starts
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head"):
@@ -65,7 +67,12 @@ class TransformerConfig:
         if self.rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1; got {self.rope_base!r}")
         checks.check_normalizer(self.normalizer)
-        checks.check_alpha(self.alpha)
+        if self.alpha == LEARNABLE:
+            if not normalizers.get(self.normalizer).takes_alpha:
+                raise ValueError(f"alpha='learnable' is for normalizer='entmax'; got {self.normalizer!r}")
+            alpha_logit(self.initial_alpha)  # checks it
+        else:
+            checks.check_alpha(self.alpha)
         s = self.length_scale
         if s is not None and not (checks.is_real_number(s) and s > 0):
             raise ValueError(f"length_scale must be None or a positive float; got {self.length_scale!r}")
@@ -182,7 +189,7 @@ class Attention(nn.Module):
         # The one place the normalizer is chosen; it owns the learnable per-head s.
         self.attend = ScaledDotProductAttention(
             config.normalizer, config.n_head, config.alpha, config.length_scale,
-            config.learn_length_scale, config.backend,
+            config.learn_length_scale, config.backend, config.initial_alpha,
         )
         if config.positional == "alibi":
             self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)

@@ -60,6 +60,9 @@ def attention_oracle(q, k, v, *, normalizer="softmax", alpha=1.5, attn_mask=None
     z = torch.where(empty, torch.zeros_like(z), z)
     if normalizer in ("softmax", "ssmax"):
         p = torch.softmax(z, dim=-1)
+    elif normalizer == "entmax" and torch.is_tensor(alpha):  # one per query head (or one for all)
+        alpha = alpha.double().expand(q.shape[-3]).reshape(-1, 1, 1).expand(*z.shape[:-1], 1)
+        p = entmax.entmax_bisect(z, alpha=alpha, dim=-1, n_iter=100)
     elif normalizer == "sparsemax" or (normalizer == "entmax" and alpha == 2.0):
         p = entmax.sparsemax(z, dim=-1)
     elif normalizer == "entmax" and alpha == 1.5:

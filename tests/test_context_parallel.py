@@ -66,6 +66,11 @@ CASES.update({
     "ring-contiguous-softmax-bottom-right": dict(mode="ring", layout="contiguous", normalizer="softmax",
                                                  causal_offset="bottom_right", queries_per_key=0.5, gqa=True),
     "default-mode-entmax": dict(mode=None, layout="zigzag", normalizer="entmax", is_causal=True),
+    # one alpha per head, with its gradient: Ulysses hands each rank its heads' alphas
+    "ulysses-zigzag-entmax-causal-head-alpha": dict(mode="ulysses", layout="zigzag", normalizer="entmax",
+                                                    is_causal=True, gqa=True, head_alpha=True),
+    "allgather-contiguous-entmax-full-head-alpha": dict(mode="allgather", layout="contiguous",
+                                                        normalizer="entmax", head_alpha=True),
 })
 if INTERPRET:  # the Triton kernels in the interpreter, float32, against the same kernels on one process
     CASES.update({
@@ -124,26 +129,35 @@ def _run_case(world, case):
     dtype = getattr(torch, case.get("dtype", "float32" if case.get("backend") == "triton" else "float64"))
     q, k, v, s, do = _tensors(world, case, dtype)
     scaled = case["normalizer"] in ("ssmax", "entmax")
+    alpha = torch.tensor([1.2, 1.5, 1.8, 2.0], dtype=dtype) if case.get("head_alpha") else None
     kwargs = dict(is_causal=case.get("is_causal", False), causal_offset=case.get("causal_offset"),
                   enable_gqa=q.shape[1] != k.shape[1], normalizer=case["normalizer"],
-                  alpha=case.get("alpha", 1.5), backend=case.get("backend", "auto"))
-    full = [t.clone().requires_grad_() for t in (q, k, v, s)]
-    out_full = longattn.scaled_dot_product_attention(*full[:3], length_scale=full[3] if scaled else None,
-                                                     **kwargs)
-    want = torch.autograd.grad(out_full, full if scaled else full[:3], do)
+                  backend=case.get("backend", "auto"))
+    # the per-head tensors whose gradients each rank holds a share of: s and a tensor alpha
+    shared = {"ds": ("length_scale", s) if scaled else None, "dalpha": ("alpha", alpha) if alpha is not None
+              else None}
+    shared = {name: pair for name, pair in shared.items() if pair is not None}
+    if alpha is None:
+        kwargs["alpha"] = case.get("alpha", 1.5)
+
+    def leaves():
+        return {arg: t.clone().requires_grad_() for arg, t in shared.values()}
+
+    full, full_shared = [t.clone().requires_grad_() for t in (q, k, v)], leaves()
+    out_full = longattn.scaled_dot_product_attention(*full, **full_shared, **kwargs)
+    want = torch.autograd.grad(out_full, [*full, *full_shared.values()], do)
 
     layout = case["layout"]
     mine = [shard_sequence(t, layout=layout).detach().requires_grad_() for t in (q, k, v)]
-    mine.append(s.clone().requires_grad_())
-    out = context_parallel_attention(*mine[:3], mode=case["mode"], layout=layout,
-                                     length_scale=mine[3] if scaled else None, **kwargs)
-    got = list(torch.autograd.grad(out, mine if scaled else mine[:3], shard_sequence(do, layout=layout)))
+    mine_shared = leaves()
+    out = context_parallel_attention(*mine, mode=case["mode"], layout=layout, **mine_shared, **kwargs)
+    got = list(torch.autograd.grad(out, [*mine, *mine_shared.values()], shard_sequence(do, layout=layout)))
     errors = {"out": rel_err(out, shard_sequence(out_full, layout=layout))}
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         errors[name] = rel_err(g, shard_sequence(w, layout=layout))
-    if scaled:  # this rank's share; the shares sum to the whole sequence's
-        dist.all_reduce(got[3])
-        errors["ds"] = rel_err(got[3], want[3])
+    for name, g, w in zip(shared, got[3:], want[3:]):  # this rank's share; the shares sum to the whole's
+        dist.all_reduce(g)
+        errors[name] = rel_err(g, w)
     return errors
 
 
