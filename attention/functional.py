@@ -81,7 +81,8 @@ def scaled_dot_product_attention(
             if normalizer in ("softmax", "ssmax"):
                 p = torch.softmax(z, dim=-1)
             else:  # sparsemax (Martins & Astudillo 2016) is entmax at alpha 2 (Peters et al. 2019)
-                a = 2.0 if normalizer == "sparsemax" else alpha
+                a = torch.as_tensor(2.0 if normalizer == "sparsemax" else alpha, dtype=q.dtype)
+                a = a.view(-1, 1, 1)                                    # alpha: float or (Hq,)
                 x = (a - 1) * (z - z.amax(-1, keepdim=True))            # row max at 0
                 lo, hi = torch.full_like(x[..., :1], -1.0), torch.zeros_like(x[..., :1])
                 for _ in range(100):                                    # bisect for tau:
@@ -115,7 +116,10 @@ def scaled_dot_product_attention(
         enable_gqa: allow ``Hq != Hkv``; query head ``h`` reads key head ``h // (Hq // Hkv)``.
         normalizer: ``"softmax"``, ``"ssmax"`` (Scalable-Softmax), ``"sparsemax"``, ``"entmax"``,
             or any name added to the registry (``longattn.attention.normalizers``).
-        alpha: the entmax parameter, in ``[1.01, 2]`` (closer to 1, use softmax); read by ``"entmax"`` only.
+        alpha: the entmax parameter, in ``[1.01, 2]`` (closer to 1, use softmax); read by
+            ``"entmax"`` only. A float, or a tensor of shape ``()`` or ``(Hq,)``, one per query
+            head, that may require grad (its gradient is exact). A float 1.5 or 2 takes the
+            cheap special paths; a tensor takes the general one whatever its values.
         length_scale: ``s`` of length scaling: the ``q @ k^T`` term of row ``i`` in head ``h`` is
             multiplied by ``s_h * ln(n_i)``, ``n_i`` the number of keys row ``i`` may attend to
             after every mask. A float, or a tensor of shape ``(Hq,)`` that may require grad.

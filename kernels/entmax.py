@@ -276,6 +276,7 @@ def entmax_attention_bwd(
     dsink_row = None if sink is None else torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     alpha_grad = alpha_grad and alphas is not None
     dalpha_row = torch.empty(row_max.shape, dtype=torch.float32, device=q.device) if alpha_grad else None
+    capability = device_capability(q.device)
     if B * Hq * grid_nq > 0:  # first: it stores delta for dK/dV
         # dQ at D <= 64 in 16 bits: 4 warps spilled 8 bytes on sm_80 (uneven lengths, length
         # scaling); 8 warps take 170 registers and none
@@ -286,6 +287,12 @@ def entmax_attention_bwd(
         # wgmma (64 a warpgroup): this one dQ runs on mma.sync there.
         dq_rows = BLOCK_HELD
         if dmask is not None and q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128:
+            dq_rows = 32
+        # Alpha's gradient (three more row sums and a log per element) at D = 128 in 16 bits:
+        # 64 rows took 255 registers and an 8-byte stack frame on sm_80, dense and varlen alike;
+        # 32 rows build clean there. sm_90 keeps 64 (no spill, and its wgmma needs them).
+        if (alpha_grad and q.dtype != torch.float32 and max(BLOCK_D, BLOCK_DV) == 128
+                and capability is not None and capability < 90):
             dq_rows = 32
         row_grid = (triton.cdiv(grid_nq, dq_rows), B * Hq)
         entmax_attention_bwd_kernel_dq[row_grid](
@@ -305,7 +312,6 @@ def entmax_attention_bwd(
     # softmax's p). sm_90 keeps 64, which its warpgroup MMA needs and which builds without spills
     # there (tests/test_kernel_builds.py checks both).
     keys_held, rows_streamed = BLOCK_HELD, BLOCK_STREAMED
-    capability = device_capability(q.device)
     if (capability is not None and capability < 90 and q.dtype != torch.float32
             and max(BLOCK_D, BLOCK_DV) <= 64):
         keys_held = 32

@@ -301,8 +301,16 @@ def _mask_cases():
     yield "entmax", 128, LENGTHS["uneven"], True, True, 1.25, ["fp16"], {"mask": "float keys"}
 
 
+def _head_alpha_cases():
+    """Per-head alphas read in-kernel (HAS_HEAD_ALPHA) with alpha's gradient in the dQ kernel
+    (ALPHA_GRAD), causal and length-scaled, dense at the uneven length and packed."""
+    for d in HEAD_DIMS:
+        yield "entmax", d, LENGTHS["uneven"], True, True, 1.25, ["bf16"], {"head_alpha": True}
+    yield "entmax", 128, DOCUMENTS, True, True, 1.25, ["fp16"], {"head_alpha": True}
+
+
 def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, window=False, modifiers=(),
-                   mask=None):
+                   mask=None, head_alpha=False):
     """Forward then backward through the public launchers. GQA with a group of 2, so GROUP is a
     runtime value rather than the constexpr 1 that Hq == Hkv gives. `n` is a length (dense
     `(1, H, n, d)` inputs) or a tuple of document lengths (varlen: packed `(total, H, d)` inputs,
@@ -311,7 +319,8 @@ def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, windo
     a sliding window's left edge 256 keys back (varlen: counted from each document's end).
     `modifiers`: which of a softcap, ALiBi slopes and sinks (`ALL_MODIFIERS`). `mask`: "bool", a
     `(1, 1, 1, n)` padding mask with a block map of 128-blocks, or "float", a `(1, 2, n, n)`
-    float16 mask whose gradient the backward computes ("float keys": `(1, 1, 1, n)`)."""
+    float16 mask whose gradient the backward computes ("float keys": `(1, 1, 1, n)`).
+    `head_alpha`: one alpha per head, from memory, and its gradient."""
     module = _module(family)
     extra = {"window_offset": -256} if window else {}
     if key_lengths and causal:
@@ -330,6 +339,9 @@ def _launcher_call(family, d, n, causal, scaled, alpha, key_lengths=False, windo
         extra.update(alibi_slopes=torch.tensor([0.5, 0.25]), alibi_offset=0)
     if "sink" in modifiers:
         extra["sink"] = torch.tensor([0.5, -1.0])
+    if head_alpha:
+        extra["alphas"] = torch.tensor([alpha, 1.75])
+        bwd_extra["alpha_grad"] = True
 
     def call():
         varlen = ()
@@ -371,7 +383,7 @@ def builds(tmp_path_factory):
     for sm in SHARED_LIMIT:
         runs = [(case, {}) for case in (*_cases(), *_varlen_cases())]
         runs += [(case, {"key_lengths": True}) for case in _key_length_cases()]
-        runs += [(case[:-1], case[-1]) for case in (*_modifier_cases(), *_mask_cases())]
+        runs += [(case[:-1], case[-1]) for case in (*_modifier_cases(), *_mask_cases(), *_head_alpha_cases())]
         for (family, d, n, causal, scaled, alpha, dtype_names), switches in runs:
             call = _launcher_call(family, d, n, causal, scaled, alpha, **switches)
             launches += [(family, *b, sm) for b in record_launches(_module(family), call, dtype_names, sm)]

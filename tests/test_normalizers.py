@@ -175,6 +175,20 @@ def test_docstring_code_is_the_reference(normalizer, alpha, case):
     assert rel_err(got, ref) < 1e-10
 
 
+@pytest.mark.parametrize("case", DOC_CASES[:3], ids=lambda c: case_id(*c[:7], causal=c[8], mask=c[7]))
+def test_docstring_code_takes_per_head_alpha(case):
+    """The same with one alpha per query head, as a tensor."""
+    B, Hq, Hkv, Nq, Nk, D, Dv, mask_kind, is_causal, offset, _, _, _ = case
+    q = 2 * torch.randn(B, Hq, Nq, D, dtype=torch.float64)
+    k, v = torch.randn(B, Hkv, Nk, D, dtype=torch.float64), torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
+    alpha = 1.1 + 0.9 * torch.rand(Hq, dtype=torch.float64)
+    kwargs = dict(attn_mask=make_mask(mask_kind, (B, 1, Nq, Nk)), is_causal=is_causal, normalizer="entmax",
+                  alpha=alpha, causal_offset=offset)
+    got = _docstring_attention()(q, k, v, **kwargs)
+    ref = longattn.scaled_dot_product_attention(q, k, v, **kwargs, enable_gqa=Hq != Hkv, backend="reference")
+    assert rel_err(got, ref) < 1e-10
+
+
 @pytest.mark.parametrize("normalizer,alpha", NORMALIZER_CASES)
 def test_attention_weights_are_the_rows_behind_the_output(normalizer, alpha):
     """`attention_weights` times V is the output; its rows sum to 1, and to 0 where a row has no
