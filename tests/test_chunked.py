@@ -139,3 +139,30 @@ def test_long_sequence_does_not_hold_the_score_matrix(normalizer, alpha):
     )
     growth_mib = float(run.stdout.strip())
     assert growth_mib < 160, f"peak memory grew by {growth_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("alpha", [pytest.param(1.3, id="a1.3"), pytest.param("heads", id="per-head")])
+@pytest.mark.parametrize("sink", [False, True], ids=["plain", "sink"])
+def test_packed_candidates_serve_whole_blocks(alpha, sink, monkeypatch):
+    """Every block steps on its packed candidates and (without a sink, which takes the dense
+    product) multiplies their weights into the values as sparse rows, several heads a block:
+    output and gradients equal the reference's; a NaN row stays NaN and spoils no other."""
+    monkeypatch.setattr(chunked, "COMPACT_FRACTION", 1.0)
+    q = torch.randn(2, 4, 29, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, d, dtype=torch.float64, requires_grad=True) for d in (8, 6))
+    if alpha == "heads":
+        alpha = torch.tensor([1.2, 1.35, 1.6, 1.9], dtype=torch.float64, requires_grad=True)
+    a = alpha
+    kw = dict(normalizer="entmax", alpha=a, enable_gqa=True, is_causal=True,
+              sink=torch.randn(4, dtype=torch.float64) if sink else None)
+    out = longattn.scaled_dot_product_attention(q, k, v, backend="torch", **kw)
+    ref = longattn.scaled_dot_product_attention(q, k, v, backend="reference", **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    inputs = [t for t in (q, k, v, a) if torch.is_tensor(t)]
+    do = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, inputs, do), torch.autograd.grad(ref, inputs, do)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+    spoiled = q.detach().clone()
+    spoiled[1, 2, 5, 0] = float("nan")
+    out = longattn.scaled_dot_product_attention(spoiled, k, v, backend="torch", **kw)
+    assert out[1, 2, 5].isnan().all() and out.isnan().sum() == out.shape[-1]
