@@ -35,6 +35,8 @@ NORMALIZERS = {
     "sparsemax": ("sparsemax", 2.0),
     "entmax1.5": ("entmax", 1.5),
     "entmax1.3": ("entmax", 1.3),
+    # one alpha per head, as a learned alpha is: evenly from 1.2 to 1.8, its gradient computed
+    "entmax-heads": ("entmax", "heads"),
 }
 # The reference and the entmax package build the (B, H, N, N) scores: only where they fit.
 MATERIALISING_MAX_N = 4096
@@ -50,19 +52,27 @@ def is_plain_softmax(name):
 SOFTMAX_LABEL = next(name for name in NORMALIZERS if is_plain_softmax(name))
 
 
+def alpha_of(alpha, q):
+    """The alpha of a setting: its float, or for "heads" one per query head (requiring grad)."""
+    if alpha != "heads":
+        return alpha
+    return torch.linspace(1.2, 1.8, q.shape[1]).requires_grad_(q.requires_grad)
+
+
 def sdpa(q, k, v, name):
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def longattn_torch(q, k, v, name):
     normalizer, alpha = NORMALIZERS[name]
-    return longattn.scaled_dot_product_attention(q, k, v, normalizer=normalizer, alpha=alpha, backend="torch")
+    return longattn.scaled_dot_product_attention(q, k, v, normalizer=normalizer, alpha=alpha_of(alpha, q),
+                                                 backend="torch")
 
 
 def longattn_reference(q, k, v, name):
     normalizer, alpha = NORMALIZERS[name]
     return longattn.scaled_dot_product_attention(
-        q, k, v, normalizer=normalizer, alpha=alpha, backend="reference"
+        q, k, v, normalizer=normalizer, alpha=alpha_of(alpha, q), backend="reference"
     )
 
 
@@ -71,7 +81,10 @@ def entmax_package(q, k, v, name):
 
     z = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     _, alpha, _ = normalizers.canonical(*NORMALIZERS[name], None)  # entmax, at this alpha
-    if alpha == 2.0:
+    if alpha == "heads":
+        heads = alpha_of(alpha, q).view(1, -1, 1, 1).expand(*z.shape[:-1], 1)
+        p = entmax.entmax_bisect(z, alpha=heads, dim=-1)
+    elif alpha == 2.0:
         p = entmax.sparsemax(z, dim=-1)
     elif alpha == 1.5:
         p = entmax.entmax15(z, dim=-1)
@@ -84,7 +97,7 @@ PROVIDERS = {
     "sdpa": (sdpa, [SOFTMAX_LABEL]),
     "longattn": (longattn_torch, list(NORMALIZERS)),
     "reference": (longattn_reference, list(NORMALIZERS)),
-    "entmax-pkg": (entmax_package, ["sparsemax", "entmax1.5", "entmax1.3"]),
+    "entmax-pkg": (entmax_package, ["sparsemax", "entmax1.5", "entmax1.3", "entmax-heads"]),
 }
 
 

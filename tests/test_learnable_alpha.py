@@ -251,3 +251,43 @@ def test_study_settings_learn_alpha():
     for bad in ("softmax-learn", "sparsemax-learn", "entmax-learn1.3"):
         with pytest.raises(ValueError):
             needle.parse_setting(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops and torch.compile
+
+
+def test_custom_ops_opcheck_with_alphas():
+    from longattn.kernels import entmax as kem
+
+    q = torch.randn(1, 4, 13, 16, device=KERNEL_DEVICE)
+    k, v = torch.randn(1, 2, 19, 16, device=KERNEL_DEVICE), torch.randn(1, 2, 19, 8, device=KERNEL_DEVICE)
+    alphas = torch.tensor(HEAD_ALPHAS, device=KERNEL_DEVICE)
+    torch.library.opcheck(torch.ops.longattn.entmax_attention_fwd, (q, k, v, 0.25, 0.0, 3, None),
+                          {"alphas": alphas})
+    out, row_max, tau, flags = kem.entmax_attention_fwd(q, k, v, 0.25, 0.0, 3, alphas=alphas)
+    torch.library.opcheck(torch.ops.longattn.entmax_attention_bwd,
+                          (torch.randn_like(out), q, k, v, row_max, tau, flags, 0.25, 0.0, 3, None),
+                          {"alphas": alphas, "alpha_grad": True})
+    qd, kd, vd = (t.double() for t in (q.cpu(), k.cpu(), v.cpu()))
+    args = (qd, kd, vd, None, alphas.double().cpu(), None, None, None, 3, None, 0.25, 0.0, 0.0, None, None)
+    torch.library.opcheck(torch.ops.longattn.blockwise_entmax_fwd, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_learns_alpha(backend):
+    """A layer's learnable alpha through torch.compile(fullgraph=True): the same output and
+    gradients, alpha's included, as eager."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    layer = ScaledDotProductAttention("entmax", num_heads=4, alpha="learnable", backend=backend).to(device)
+    q, k, v = inputs(1, 4, 2, 17, 23, 16, dtype=torch.float32, device=device)
+
+    def attend(q, k, v):
+        return layer(q, k, v, is_causal=True, enable_gqa=True)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    results = [fn(q, k, v) for fn in (compiled, attend)]
+    torch.testing.assert_close(results[0], results[1])
+    do = torch.randn_like(results[1])
+    got, expected = (torch.autograd.grad(r, (q, k, v, layer.alpha_logit), do) for r in results)
+    torch.testing.assert_close(got, expected)
