@@ -5,7 +5,8 @@
   autograd.
 - Sparsemax and alpha-entmax (`entmax_attention`) walk over blocks of query rows, holding one
   `(rows, Nk)` block of logits at a time. Each row's threshold `tau` is found by Newton's method
-  (below) and saved, O(N), for a backward that recomputes each block from it.
+  (below) and saved, O(N), for a backward that recomputes each block from it. A tensor alpha
+  (one per query head) gets its gradient here too.
 
 Both take a dense `AttentionCall` (`attention/call.py`). The semantics are those of
 `reference.py`; the tests hold the two together.
@@ -33,8 +34,8 @@ MIN_BLOCK_ROWS = 32
 # The threshold search takes 3 to 11 passes on the inputs we measured (`entmax_threshold`);
 # the cap only guards against pathological rounding.
 MAX_NEWTON_STEPS = 30
-# For alpha other than 1.5 and 2, the threshold search moves to the keys still above its first
-# iterate when they are at most this fraction of the block (see `entmax_threshold`).
+# For alpha other than 1.5 and 2, the threshold search moves to the keys above its lower bound
+# when they are at most this fraction of the block (see `entmax_threshold`).
 COMPACT_FRACTION = 0.25
 # The blockwise path runs softmax as entmax's limit alpha -> 1 (weights exp(z - max - tau), tau the
 # log-sum-exp), for the logits SDPA cannot take; the public alpha starts at 1.01.
