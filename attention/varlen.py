@@ -22,7 +22,7 @@ def varlen_attention(
     causal_offset: int | str | None = None,
     scale: float | None = None,
     normalizer: str = "softmax",
-    alpha: float = 1.5,
+    alpha: float | torch.Tensor = 1.5,
     length_scale: float | torch.Tensor | None = None,
     window_size: tuple[int, int] | None = None,
     softcap: float | None = None,

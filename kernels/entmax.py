@@ -499,9 +499,11 @@ def _check_alpha(alpha, num_heads: int):
     """A float in `[MIN_ALPHA, 2]`, or a `()` / `(Hq,)` floating tensor (its values not read on
     the host: the public functions check them)."""
     if torch.is_tensor(alpha):
-        if not alpha.dtype.is_floating_point or alpha.shape not in ((), (num_heads,)):
-            raise ValueError(f"alpha tensor must be floating, of shape () or ({num_heads},); got "
-                             f"{alpha.dtype} {tuple(alpha.shape)}")
+        if not alpha.dtype.is_floating_point:
+            raise TypeError(f"alpha tensor must be floating; got {alpha.dtype}")
+        if alpha.shape not in ((), (num_heads,)):
+            raise ValueError(f"alpha must have shape ({num_heads},) (one per query head) or (); got "
+                             f"{tuple(alpha.shape)}")
         return alpha
     alpha = float(alpha)
     if not MIN_ALPHA <= alpha <= 2.0:
@@ -515,7 +517,7 @@ def entmax_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
-    alpha: float = 1.5,
+    alpha: float | torch.Tensor = 1.5,
     is_causal: bool = False,
     causal_offset: int | None = None,
     length_scale: float | torch.Tensor | None = None,
@@ -538,7 +540,8 @@ def entmax_attention(
             or float32, any strides.
         scale: logit scale, default `D ** -0.5`.
         alpha: the entmax parameter, any float in `[1.01, 2]` (MIN_ALPHA); 2 is sparsemax, 1.5 is entmax15
-            (those two need no pow per element).
+            (those two need no pow per element). Or a `()` / `(Hq,)` floating tensor, one per query
+            head, that may require grad (its values are not checked here: the public functions do).
         is_causal: top-left causal mask, `j <= i`; same as `causal_offset=0`.
         causal_offset: key j allowed for row i iff `j <= i + causal_offset`; implies causal.
             `Nk - Nq` aligns bottom-right (decoding with a KV cache).

@@ -168,6 +168,16 @@ def test_bad_tensor_alpha(alpha, error, match):
         sdpa(q, k, v, alpha, "auto")
 
 
+def test_kernel_entry_checks_a_tensor_alpha():
+    from longattn.kernels.entmax import entmax_attention
+
+    q, k, v = inputs(1, 4, 2, 3, 3, 4, dtype=torch.float32, device=KERNEL_DEVICE)
+    with pytest.raises(TypeError, match="alpha tensor must be floating"):
+        entmax_attention(q, k, v, alpha=torch.tensor([2, 2, 2, 2], device=KERNEL_DEVICE))
+    with pytest.raises(ValueError, match=r"alpha must have shape \(4,\)"):
+        entmax_attention(q, k, v, alpha=torch.tensor([1.5, 1.5], device=KERNEL_DEVICE))
+
+
 @pytest.mark.parametrize("normalizer", ["softmax", "ssmax", "sparsemax"])
 def test_tensor_alpha_only_for_entmax(normalizer):
     q, k, v = inputs(1, 2, 2, 3, 3, 4)
