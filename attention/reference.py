@@ -158,8 +158,10 @@ def entmax_threshold(x: torch.Tensor, alpha) -> torch.Tensor:
     return lo
 
 
-def entmax_alpha_grad(p: torch.Tensor, u: torch.Tensor, grad_p: torch.Tensor, alpha) -> torch.Tensor:
-    """`sum_j grad_p_j dp_j / d alpha` per row (`(..., 1)`), at fixed logits z.
+def entmax_alpha_grad(p: torch.Tensor, grad_p: torch.Tensor, delta: torch.Tensor,
+                      alpha) -> torch.Tensor:
+    """`sum_j grad_p_j dp_j / d alpha` per row (`(..., 1)`), at fixed logits z, given the
+    logits' gradient's `delta = sum_j grad_p_j g_j` (below).
 
     From the threshold's implicit function (Peters et al. 2019; Correia et al. 2019): on the
     support `ln p_j = ln((alpha - 1) z_j - tau) / (alpha - 1)`, and `sum_j dp_j / d alpha = 0`
@@ -173,7 +175,6 @@ def entmax_alpha_grad(p: torch.Tensor, u: torch.Tensor, grad_p: torch.Tensor, al
     column counts as any other (its grad_p is 0)."""
     p_log_p = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
     entropy = p_log_p.sum(dim=-1, keepdim=True)
-    delta = (u * grad_p).sum(dim=-1, keepdim=True) / u.sum(dim=-1, keepdim=True).clamp(min=1e-30)
     mean = (p * grad_p).sum(dim=-1, keepdim=True)
     mean_log = (p_log_p * grad_p).sum(dim=-1, keepdim=True)
     return (mean - delta) / (alpha - 1) ** 2 - (mean_log - delta * entropy) / (alpha - 1)
@@ -216,5 +217,5 @@ class _Entmax(torch.autograd.Function):
         delta = (u * grad_p).sum(dim=-1, keepdim=True) / u.sum(dim=-1, keepdim=True)
         grad_alpha = None
         if tensor_alpha and ctx.needs_input_grad[1]:
-            grad_alpha = entmax_alpha_grad(p, u, grad_p, alpha).sum_to_size(alpha.shape)
+            grad_alpha = entmax_alpha_grad(p, grad_p, delta, alpha).sum_to_size(alpha.shape)
         return u * (grad_p - delta), grad_alpha
